@@ -1,0 +1,39 @@
+"""vlmkit: multimodal LLMs from swappable parts.
+
+The plug-in author's contract is :data:`hookimpl` plus the interfaces in
+:mod:`vlmkit.core.interfaces` (re-exported here lazily, so importing ``hookimpl`` stays cheap).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlmkit.core.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+_INTERFACE_NAMES = {
+    "ComponentConfig",
+    "Preprocess",
+    "VisionEncoder",
+    "EncoderConfig",
+    "Connector",
+    "ConnectorConfig",
+    "Fusion",
+    "FusionConfig",
+    "LanguageDecoder",
+    "DecoderConfig",
+    "Dataset",
+    "DatasetConfig",
+    "Sample",
+}
+
+__all__ = ["hookimpl", "__version__", *sorted(_INTERFACE_NAMES)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _INTERFACE_NAMES:
+        from vlmkit.core import interfaces
+
+        return getattr(interfaces, name)
+    raise AttributeError(f"module 'vlmkit' has no attribute {name!r}")

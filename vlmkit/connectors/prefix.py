@@ -1,0 +1,70 @@
+"""The ``prefix`` fusion (LLaVA, mPLUG-Owl, BLIP-2): connector tokens replace the ``<image>``
+placeholder tokens of the input embeddings.
+
+The collator writes each image as ``Q`` consecutive ``<image>`` tokens (``Q`` = the connector's
+tokens per image, :meth:`PrefixFusion.placeholder_tokens`); this fusion fills those positions, in
+order, with the real images' tokens. Positions are found by token id, so left and right padding
+both work, and those positions never carry a loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vlmkit.core.errors import VlmkitError
+from vlmkit.core.interfaces import Fusion, FusionConfig, LanguageDecoder
+
+IMAGE_TOKEN = "<image>"
+
+
+class PrefixConfig(FusionConfig):
+    pass
+
+
+class PrefixFusion(Fusion):
+    """Connector tokens replace the <image> placeholders of the input embeddings."""
+
+    Config = PrefixConfig
+
+    def __init__(self, config: PrefixConfig):
+        super().__init__(config)
+        self.image_token_id: int | None = None
+
+    def attach(self, decoder: LanguageDecoder, media_width: int) -> None:
+        if media_width != decoder.width:
+            raise VlmkitError(
+                f"model.connector.width_out: the connector outputs width {media_width} but fusion 'prefix' puts its "
+                f"tokens into the input embeddings of the decoder, of width {decoder.width}; remove width_out to wire "
+                "it automatically"
+            )
+        ids = decoder.add_special_tokens([IMAGE_TOKEN])
+        self.image_token_id = ids[IMAGE_TOKEN]
+
+    def placeholder_tokens(self, tokens_per_image: int) -> int:
+        return tokens_per_image
+
+    def forward(
+        self,
+        decoder: LanguageDecoder,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        media: torch.Tensor,
+        media_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        **decoder_kwargs: Any,
+    ) -> Any:
+        """``input_ids (B, L)``, ``media (B, T_img, Q, d)``, ``media_mask (B, T_img)`` -> decoder output."""
+        is_image = input_ids == self.image_token_id  # (B, L)
+        embeds = decoder.get_input_embeddings()(input_ids)  # (B, L, d)
+        feats = media[media_mask].reshape(-1, media.shape[-1])  # (images * Q, d), batch-major order
+        if int(is_image.sum()) != feats.shape[0]:
+            raise VlmkitError(
+                f"the batch has {int(is_image.sum())} <image> token positions but {int(media_mask.sum())} images x "
+                f"{media.shape[2]} tokens = {feats.shape[0]} image tokens; every <image> marker must stand for one image"
+            )
+        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype))
+        if labels is not None:
+            labels = labels.masked_fill(is_image, -100)
+        return decoder(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **decoder_kwargs)

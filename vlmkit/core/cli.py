@@ -1,0 +1,173 @@
+"""The ``recipes`` command line.
+
+User mistakes (a bad recipe, an unknown name, a broken plug-in in strict mode) end with a
+one-paragraph message on stderr and exit code 2; ``--debug`` shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+from vlmkit.core.errors import VlmkitError
+from vlmkit.core.hookspecs import KINDS
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--strict-plugins", action="store_true", help="a plug-in that fails to load is an error")
+
+    parser = argparse.ArgumentParser(
+        prog="recipes",
+        description="Compose, validate and train multimodal LLMs from recipe YAML files.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def recipe_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--profile", help="a profile of the recipe (default: its default_profile)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                       help="override a field, e.g. --set model.connector.projector=mlp3x_gelu (repeatable)")
+
+    sub.add_parser("list", parents=[common], help="the shipped recipes")
+    p = sub.add_parser("show", parents=[common], help="print a recipe resolved (extends, profile, overrides)")
+    p.add_argument("recipe", help="shipped recipe name or YAML file")
+    recipe_args(p)
+    p = sub.add_parser("validate", parents=[common], help="check a recipe and each of its profiles")
+    p.add_argument("recipe", help="shipped recipe name or YAML file")
+    p = sub.add_parser("components", parents=[common], help="registered components")
+    p.add_argument("kind", nargs="?", choices=KINDS)
+    p = sub.add_parser("plugins", parents=[common], help="plug-ins with their distributions and components")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("schema", parents=[common], help="the recipe JSON Schema (for editor completion)")
+    p = sub.add_parser("run", parents=[common], help="train a recipe")
+    p.add_argument("recipe", help="shipped recipe name or YAML file")
+    recipe_args(p)
+    p.add_argument("--output-dir", type=Path, help="run folder (default: runs/<recipe name>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.strict_plugins:
+        os.environ["VLMKIT_STRICT_PLUGINS"] = "1"
+    warnings.showwarning = _show_warning
+    try:
+        return COMMANDS[args.command](args) or 0
+    except VlmkitError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _registry():
+    from vlmkit.core.registry import get_registry
+
+    return get_registry()
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from vlmkit.core.recipe.loader import shipped_recipes
+    from vlmkit.core.recipe.yaml_io import read_yaml_mapping
+
+    for name, path in shipped_recipes().items():
+        data = read_yaml_mapping(path)
+        profiles = ", ".join(data.get("profiles", {}) or {}) or "-"
+        print(f"{name:<24} {data.get('description', '')}  [profiles: {profiles}]")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from vlmkit.core.recipe.loader import load_recipe
+
+    resolved = load_recipe(args.recipe, args.profile, args.overrides, registry=_registry())
+    sys.stdout.write(resolved.to_yaml())
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from vlmkit.core.recipe.loader import validate_all_profiles
+
+    path, checked = validate_all_profiles(args.recipe, registry=_registry())
+    print(f"ok: {path} ({', '.join(checked)})")
+    return 0
+
+
+def cmd_components(args: argparse.Namespace) -> int:
+    registry = _registry()
+    kinds = [args.kind] if args.kind else list(KINDS)
+    for kind in kinds:
+        print(f"{kind}s:")
+        for name in registry.names(kind):
+            entry = registry.components[kind][name]
+            print(f"  {name:<20} {entry.summary}  [{entry.provider.describe()}]")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    registry = _registry()
+    report = registry.plugin_report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for plugin in report:
+        dist = f"{plugin['distribution']} {plugin['version'] or ''}".strip() if plugin["distribution"] else "-"
+        line = f"{plugin['name']:<24} {dist:<32} {plugin['status']}"
+        if plugin["error"]:
+            line += f": {plugin['error']}"
+        print(line)
+        for comp in plugin["components"]:
+            print(f"    {comp['kind']:<10} {comp['name']}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from vlmkit.core.recipe.json_schema import recipe_json_schema
+
+    print(json.dumps(recipe_json_schema(_registry()), indent=2))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from vlmkit.core.recipe.loader import load_recipe
+    from vlmkit.core.train_loop import run
+
+    registry = _registry()
+    resolved = load_recipe(args.recipe, args.profile, args.overrides, registry=registry)
+    output_dir = args.output_dir or Path("runs") / resolved.recipe.name
+    result = run(resolved, output_dir, registry=registry, progress=not args.no_progress)
+    for stage in result.stages:
+        first, last = stage.losses[0], stage.losses[-1]
+        print(f"stage {stage.name}: {stage.steps} steps, loss {first:.4f} -> {last:.4f}, checkpoint {stage.checkpoint}")
+    print(f"run folder: {result.output_dir} (metrics.jsonl, recipe.yaml)")
+    return 0
+
+
+COMMANDS = {
+    "list": cmd_list,
+    "show": cmd_show,
+    "validate": cmd_validate,
+    "components": cmd_components,
+    "plugins": cmd_plugins,
+    "schema": cmd_schema,
+    "run": cmd_run,
+}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

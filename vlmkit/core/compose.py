@@ -1,0 +1,99 @@
+"""Model composition: a resolved recipe -> encoder, connector, fusion and decoder wired together."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmkit.core.errors import VlmkitError
+from vlmkit.core.interfaces import Connector, Fusion, LanguageDecoder, VisionEncoder
+from vlmkit.core.recipe.loader import ResolvedRecipe
+
+IMAGE_TOKEN = "<image>"
+
+
+class VisionLanguageModel(nn.Module):
+    """The composed model. ``forward`` takes a collated batch's tensors."""
+
+    def __init__(self, encoder: VisionEncoder, connector: Connector, fusion: Fusion, decoder: LanguageDecoder):
+        super().__init__()
+        self.encoder = encoder
+        self.connector = connector
+        self.fusion = fusion
+        self.decoder = decoder
+
+    @property
+    def component_names(self) -> tuple[str, ...]:
+        return ("encoder", "connector", "fusion", "decoder")
+
+    def tokens_per_image(self, num_frames: int = 1) -> int:
+        """Connector tokens per image (or clip of ``num_frames`` frames)."""
+        return self.connector.num_queries(self.encoder.num_tokens(), num_frames)
+
+    def placeholder_tokens(self, num_frames: int = 1) -> int:
+        """``<image>`` tokens the text carries for one image."""
+        return self.fusion.placeholder_tokens(self.tokens_per_image(num_frames))
+
+    def encode_media(self, vision_x: torch.Tensor, media_mask: torch.Tensor) -> torch.Tensor:
+        """``vision_x (B, T_img, F, C, H, W)``, ``media_mask (B, T_img)`` -> ``(B, T_img, Q, d)``;
+        padded images are not encoded and stay zero."""
+        B, T, F = vision_x.shape[:3]
+        real = vision_x[media_mask]  # (N, F, C, H, W)
+        encoder_trains = any(p.requires_grad for p in self.encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
+            feats = self.encoder(real.flatten(0, 1))  # (N*F, tokens, w)
+        feats = feats.reshape(real.shape[0], F * feats.shape[1], feats.shape[2])  # (N, F*tokens, w)
+        tokens = self.connector(feats, num_frames=F)  # (N, Q, d)
+        media = tokens.new_zeros((B, T, tokens.shape[1], tokens.shape[2]))
+        media[media_mask] = tokens
+        return media
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        vision_x: torch.Tensor,
+        media_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        **decoder_kwargs: Any,
+    ) -> Any:
+        media = self.encode_media(vision_x, media_mask)
+        return self.fusion(self.decoder, input_ids, attention_mask, media, media_mask, labels=labels, **decoder_kwargs)
+
+
+def build_model(resolved: ResolvedRecipe, registry: Any = None) -> VisionLanguageModel:
+    """Construct every component of ``resolved`` and wire their widths."""
+    if registry is None:
+        from vlmkit.core.registry import get_registry
+
+        registry = get_registry()
+    torch.manual_seed(resolved.recipe.seed)
+    specs = resolved.components
+
+    def construct(kind: str, config: Any) -> Any:
+        cls = registry.component_class(kind, specs[kind].name)
+        return cls(config)
+
+    decoder = construct("decoder", specs["decoder"].config)
+    encoder = construct("encoder", specs["encoder"].config)
+    conn_spec = specs["connector"]
+    conn_cfg = conn_spec.config
+    enc_name, dec_name, conn_name = specs["encoder"].name, specs["decoder"].name, conn_spec.name
+    if getattr(conn_cfg, "width_in", None) is not None and conn_cfg.width_in != encoder.width:
+        raise VlmkitError(
+            f"model.connector.width_in: connector '{conn_name}' is set to width {conn_cfg.width_in} but encoder "
+            f"'{enc_name}' outputs width {encoder.width}; remove width_in to wire it automatically"
+        )
+    update = {"width_in": encoder.width}
+    if getattr(conn_cfg, "width_out", None) is None:
+        update["width_out"] = decoder.width
+    conn_cfg = conn_cfg.model_copy(update=update)
+    connector = construct("connector", conn_cfg)
+    fusion = construct("fusion", specs["fusion"].config)
+    try:
+        fusion.attach(decoder, connector.width_out)
+    except VlmkitError as exc:
+        raise VlmkitError(f"{exc} (connector '{conn_name}', decoder '{dec_name}')") from None
+    return VisionLanguageModel(encoder, connector, fusion, decoder)

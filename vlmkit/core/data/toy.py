@@ -1,0 +1,58 @@
+"""``toy_captions``: generated images of one coloured shape each, captioned "a red circle".
+
+Deterministic from ``seed``; used by the smoke recipes and the tests. The caption is the trained
+segment (llava_plain style: ``<image>`` then the caption)."""
+
+from __future__ import annotations
+
+import random
+
+from PIL import Image, ImageDraw
+from pydantic import Field, PositiveInt
+
+from vlmkit.core.interfaces import Dataset, DatasetConfig, Sample
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
+SHAPES = ("circle", "square", "triangle")
+
+
+class ToyCaptionsConfig(DatasetConfig):
+    num_samples: PositiveInt = 64
+    image_size: int = Field(64, ge=16, le=1024)
+    seed: int = 0
+
+
+class ToyCaptions(Dataset):
+    """Generated images of coloured shapes with captions, for smoke tests."""
+
+    Config = ToyCaptionsConfig
+
+    def __init__(self, config: ToyCaptionsConfig):
+        super().__init__(config)
+
+    def __len__(self) -> int:
+        return self.config.num_samples
+
+    def __getitem__(self, index: int) -> Sample:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        rng = random.Random(f"{self.config.seed}:{index}")
+        colour = rng.choice(sorted(COLOURS))
+        shape = rng.choice(SHAPES)
+        image = draw_shape(self.config.image_size, colour, shape, rng)
+        return Sample(id=f"toy-{index:05d}", images=[image], segments=[("<image>", False), (f"a {colour} {shape}", True)])
+
+
+def draw_shape(size: int, colour: str, shape: str, rng: random.Random) -> Image.Image:
+    image = Image.new("RGB", (size, size), (245, 245, 245))
+    draw = ImageDraw.Draw(image)
+    r = rng.randint(size // 5, size // 3)
+    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return image

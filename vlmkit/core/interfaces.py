@@ -1,0 +1,280 @@
+"""The typed interfaces every component implements.
+
+Each component is a ``torch.nn.Module`` subclass of one of the interfaces below, with a class
+attribute ``Config``: a pydantic model (``extra="forbid"``) of its recipe section, without the
+``name`` key. The builder (:mod:`vlmkit.core.compose`) constructs ``Component(config)`` and wires
+the widths between them.
+
+Tensor shapes use: ``B`` batch, ``T_img`` images per sample, ``F`` frames per image, ``N`` images
+flattened over a batch, ``L`` text length, ``Q`` connector queries, ``C, H, W`` pixels.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, PositiveInt
+from torch import nn
+
+__all__ = [
+    "ComponentConfig",
+    "Preprocess",
+    "VisionEncoder",
+    "EncoderConfig",
+    "Connector",
+    "ConnectorConfig",
+    "Fusion",
+    "FusionConfig",
+    "LanguageDecoder",
+    "DecoderConfig",
+    "Dataset",
+    "DatasetConfig",
+    "Sample",
+    "INTERFACES",
+]
+
+
+class ComponentConfig(BaseModel):
+    """Base of every component config: unknown keys are errors, never ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Preprocess(BaseModel):
+    """How pixels must be prepared for an encoder: resize to ``image_size`` square, scale to [0, 1],
+    then normalise per channel with ``mean`` and ``std``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_size: PositiveInt
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+# ----------------------------------------------------------------------------------------- encoders
+class EncoderConfig(ComponentConfig):
+    pass
+
+
+class VisionEncoder(nn.Module, ABC):
+    """Pixels ``(N, C, H, W)`` -> features ``(N, tokens, width)``."""
+
+    kind: ClassVar[str] = "encoder"
+    Config: ClassVar[type[ComponentConfig]] = EncoderConfig
+
+    def __init__(self, config: ComponentConfig):
+        super().__init__()
+        self.config = config
+
+    @property
+    @abstractmethod
+    def width(self) -> int:
+        """Feature width of every output token."""
+
+    @abstractmethod
+    def num_tokens(self, image_size: int | None = None) -> int:
+        """Tokens per image at ``image_size`` (default: ``preprocess.image_size``)."""
+
+    @property
+    @abstractmethod
+    def preprocess(self) -> Preprocess:
+        """The image size and normalisation this encoder expects."""
+
+    @abstractmethod
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``pixels (N, C, H, W)`` normalised as :attr:`preprocess` says -> ``(N, tokens, width)``."""
+
+
+# --------------------------------------------------------------------------------------- connectors
+class ConnectorConfig(ComponentConfig):
+    """Widths are filled in by the builder (encoder width in, decoder width out) unless the recipe
+    sets them; a set width that disagrees with the component it meets is an error."""
+
+    width_in: PositiveInt | None = None
+    width_out: PositiveInt | None = None
+
+
+class Connector(nn.Module, ABC):
+    """Encoder features ``(N, tokens, width_in)`` -> ``(N, queries, width_out)``.
+
+    ``tokens`` may hold ``num_frames`` frames of one image (video), frame-major:
+    ``(N, F * tokens_per_frame, width_in)``. A connector that does not model time treats them as one
+    sequence.
+    """
+
+    kind: ClassVar[str] = "connector"
+    Config: ClassVar[type[ComponentConfig]] = ConnectorConfig
+
+    def __init__(self, config: ConnectorConfig):
+        super().__init__()
+        if config.width_in is None or config.width_out is None:
+            raise ValueError(f"{type(self).__name__} needs width_in and width_out (the builder sets them)")
+        self.config = config
+
+    @property
+    def width_in(self) -> int:
+        return int(self.config.width_in)
+
+    @property
+    def width_out(self) -> int:
+        return int(self.config.width_out)
+
+    @abstractmethod
+    def num_queries(self, num_tokens_in: int, num_frames: int = 1) -> int:
+        """Output tokens per image for ``num_tokens_in`` input tokens per frame."""
+
+    @abstractmethod
+    def forward(self, features: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
+        """``features (N, F * tokens, width_in)`` -> ``(N, queries, width_out)``."""
+
+
+# ------------------------------------------------------------------------------------------ fusions
+class FusionConfig(ComponentConfig):
+    pass
+
+
+class Fusion(nn.Module, ABC):
+    """How connector outputs enter the decoder.
+
+    :meth:`attach` is called once by the builder (a fusion may add modules to the decoder there);
+    :meth:`forward` then runs the decoder on a batch with its media.
+    """
+
+    kind: ClassVar[str] = "fusion"
+    Config: ClassVar[type[ComponentConfig]] = FusionConfig
+
+    def __init__(self, config: ComponentConfig):
+        super().__init__()
+        self.config = config
+
+    @abstractmethod
+    def attach(self, decoder: "LanguageDecoder", media_width: int) -> None:
+        """Bind to the decoder; ``media_width`` is the connector's output width."""
+
+    @abstractmethod
+    def placeholder_tokens(self, tokens_per_image: int) -> int:
+        """How many ``<image>`` tokens stand for one image in the text (the collator expands each
+        ``<image>`` marker to this many)."""
+
+    @abstractmethod
+    def forward(
+        self,
+        decoder: "LanguageDecoder",
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        media: torch.Tensor,
+        media_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        **decoder_kwargs: Any,
+    ) -> Any:
+        """Run the decoder.
+
+        ``input_ids, attention_mask, labels``: ``(B, L)``; ``media``: ``(B, T_img, Q, d)`` connector
+        outputs; ``media_mask``: ``(B, T_img)`` bool, True for real (not padded) images.
+        Returns the decoder's output (``loss`` when labels are given, ``logits (B, L, vocab)``).
+        """
+
+
+# ----------------------------------------------------------------------------------------- decoders
+class DecoderConfig(ComponentConfig):
+    pass
+
+
+class LanguageDecoder(nn.Module, ABC):
+    """A causal language model driven by input embeddings."""
+
+    kind: ClassVar[str] = "decoder"
+    Config: ClassVar[type[ComponentConfig]] = DecoderConfig
+
+    def __init__(self, config: ComponentConfig):
+        super().__init__()
+        self.config = config
+
+    @property
+    @abstractmethod
+    def tokenizer(self) -> Any:
+        """A ``transformers`` tokenizer (``PreTrainedTokenizerBase``)."""
+
+    @property
+    @abstractmethod
+    def width(self) -> int:
+        """Hidden size: the width of the input embeddings."""
+
+    @abstractmethod
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding table ``(vocab, width)``."""
+
+    @abstractmethod
+    def add_special_tokens(self, tokens: list[str]) -> dict[str, int]:
+        """Add tokens the tokenizer lacks, resize the embeddings, return token -> id for all of them."""
+
+    @abstractmethod
+    def decoder_layers(self) -> nn.ModuleList:
+        """The transformer blocks in order (a fusion may wrap them)."""
+
+    @abstractmethod
+    def lora_target_modules(self) -> list[str]:
+        """Module-name suffixes LoRA adapts by default for this model family."""
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's own chat template, if it has one."""
+        return getattr(self.tokenizer, "chat_template", None)
+
+    @abstractmethod
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``inputs_embeds (B, L, width)`` -> a causal-LM output with ``logits (B, L, vocab)`` and,
+        with ``labels (B, L)`` (-100 = ignored), the shifted cross-entropy ``loss``."""
+
+
+# ----------------------------------------------------------------------------------------- datasets
+class DatasetConfig(ComponentConfig):
+    pass
+
+
+@dataclass
+class Sample:
+    """One training sample, before tokenisation.
+
+    ``segments`` are ``(text, trained)`` pairs rendered in order; the loss covers exactly the tokens
+    of the trained segments. ``<image>`` in the text marks where each of ``images`` goes, in order.
+    """
+
+    id: str
+    images: list[Any] = field(default_factory=list)  # PIL images
+    segments: list[tuple[str, bool]] = field(default_factory=list)
+
+
+class Dataset(ABC):
+    """A map-style dataset of :class:`Sample` records."""
+
+    kind: ClassVar[str] = "dataset"
+    Config: ClassVar[type[ComponentConfig]] = DatasetConfig
+
+    def __init__(self, config: ComponentConfig):
+        self.config = config
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> Sample: ...
+
+
+#: kind -> interface class
+INTERFACES: dict[str, type] = {
+    "encoder": VisionEncoder,
+    "connector": Connector,
+    "fusion": Fusion,
+    "decoder": LanguageDecoder,
+    "dataset": Dataset,
+}

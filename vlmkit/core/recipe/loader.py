@@ -1,0 +1,340 @@
+"""Loading a recipe: find it, resolve ``extends``, overlay a profile, apply ``--set`` overrides,
+validate the whole against the schema and every component's own config.
+
+Every problem is reported as ``<file>[ (profile P)]: <dotted.path>: <what is wrong>; <what is
+allowed>`` with a close-match suggestion where one exists.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from vlmkit.core.errors import PluginError, RecipeError, VlmkitError, listing, suggest
+from vlmkit.core.recipe.merge import apply_override, deep_merge, parse_override
+from vlmkit.core.recipe.schema import COMPONENTS, Recipe
+from vlmkit.core.recipe.yaml_io import dump_yaml, read_yaml_mapping
+
+_PROFILE_FORBIDDEN = ("name", "extends", "profiles", "default_profile")
+
+
+# ------------------------------------------------------------------------------ finding recipes
+def shipped_recipes_dir() -> Path:
+    return Path(str(resources.files("vlmkit").joinpath("recipes")))
+
+
+def shipped_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(shipped_recipes_dir().glob("*.yaml"))}
+
+
+def find_recipe(ref: str | Path, relative_to: Path | None = None) -> Path:
+    """A recipe file path (absolute, relative to ``relative_to`` or the working directory) or the
+    name of a shipped recipe."""
+    ref_text = str(ref)
+    candidates = []
+    path = Path(ref_text).expanduser()
+    if relative_to is not None and not path.is_absolute():
+        candidates.append(relative_to / path)
+    candidates.append(path)
+    for cand in candidates:
+        if cand.is_file():
+            return cand.resolve()
+    shipped = shipped_recipes()
+    if ref_text in shipped:
+        return shipped[ref_text]
+    if ref_text.endswith((".yaml", ".yml")) or "/" in ref_text:
+        raise VlmkitError(f"recipe file '{ref_text}' does not exist")
+    raise VlmkitError(
+        f"unknown recipe '{ref_text}'{suggest(ref_text, shipped)} shipped recipes: {listing(shipped)} "
+        "(or give the path of a recipe YAML file)"
+    )
+
+
+# ------------------------------------------------------------------------------ the result
+@dataclass
+class BuiltComponentSpec:
+    kind: str
+    name: str
+    config: BaseModel  # an instance of the component's Config
+
+
+@dataclass
+class ResolvedRecipe:
+    """A validated recipe: the schema model, each component's and dataset's validated config, and
+    the resolved mapping it came from (``data``), ready to be dumped and re-run."""
+
+    recipe: Recipe
+    components: dict[str, BuiltComponentSpec]
+    datasets: dict[str, BuiltComponentSpec]
+    data: dict[str, Any]
+    source: str
+    profile: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+    def to_yaml(self) -> str:
+        header = f"# resolved from {self.source}"
+        if self.profile:
+            header += f", profile {self.profile}"
+        if self.overrides:
+            header += ", --set " + " --set ".join(self.overrides)
+        return header + "\n" + dump_yaml(self.data)
+
+
+# ------------------------------------------------------------------------------ resolution
+def _resolve_extends(path: Path, chain: list[Path]) -> dict[str, Any]:
+    if path in chain:
+        cycle = " -> ".join(p.name for p in [*chain, path])
+        raise RecipeError(str(chain[0]), [f"extends: the recipes extend each other in a cycle: {cycle}"])
+    data = read_yaml_mapping(path)
+    parent_ref = data.pop("extends", None)
+    if parent_ref is None:
+        return data
+    if not isinstance(parent_ref, str) or not parent_ref.strip():
+        raise RecipeError(str(path), [f"extends: expected a recipe name or path, got {parent_ref!r}"])
+    try:
+        parent_path = find_recipe(parent_ref, relative_to=path.parent)
+    except VlmkitError as exc:
+        raise RecipeError(str(path), [f"extends: {exc}"]) from None
+    parent = _resolve_extends(parent_path, [*chain, path])
+    return deep_merge(parent, data)
+
+
+def resolve_mapping(
+    ref: str | Path, profile: str | None = None, overrides: list[str] = (), bare: bool = False
+) -> tuple[dict[str, Any], str, str | None]:
+    """The recipe as one mapping (extends resolved, profile overlaid, overrides applied), its source
+    file and the profile used. ``bare``: no profile at all, not even the default. Not yet validated."""
+    path = find_recipe(ref)
+    source = str(path)
+    data = _resolve_extends(path, [])
+    profiles = data.pop("profiles", None) or {}
+    default = data.pop("default_profile", None)
+    if not isinstance(profiles, dict):
+        raise RecipeError(source, [f"profiles: expected a mapping of profile name -> overlay, got {type(profiles).__name__}"])
+    if default is not None and default not in profiles:
+        raise RecipeError(
+            source, [f"default_profile: '{default}' is not defined{suggest(default, profiles)} profiles: {listing(profiles)}"]
+        )
+    chosen = None if bare else (profile if profile is not None else default)
+    if chosen is not None:
+        if chosen not in profiles:
+            raise RecipeError(
+                source, [f"profile '{chosen}' is not defined{suggest(chosen, profiles)} profiles: {listing(profiles)}"]
+            )
+        overlay = profiles[chosen]
+        if overlay is None:
+            overlay = {}
+        if not isinstance(overlay, dict):
+            raise RecipeError(source, [f"profiles.{chosen}: expected a mapping (an overlay of recipe fields), got {overlay!r}"])
+        bad = [k for k in overlay if k in _PROFILE_FORBIDDEN]
+        if bad:
+            raise RecipeError(
+                source, [f"profiles.{chosen}.{bad[0]}: a profile cannot set '{bad[0]}' (not allowed: {', '.join(_PROFILE_FORBIDDEN)})"]
+            )
+        data = deep_merge(data, overlay)
+    for text in overrides:
+        path_parts, value = parse_override(text)
+        apply_override(data, path_parts, value, text)
+    return data, source, chosen
+
+
+def load_recipe(
+    ref: str | Path,
+    profile: str | None = None,
+    overrides: list[str] = (),
+    registry: Any = None,
+    bare: bool = False,
+) -> ResolvedRecipe:
+    """Find, resolve and validate a recipe. Raises :class:`RecipeError` listing every problem."""
+    data, source, chosen = resolve_mapping(ref, profile, list(overrides), bare=bare)
+    label = f"{source} (profile {chosen})" if chosen else source
+    return validate_mapping(data, label, registry=registry, profile=chosen, overrides=list(overrides), source=source)
+
+
+def validate_all_profiles(ref: str | Path, registry: Any = None) -> tuple[Path, list[str]]:
+    """Validate a recipe bare and under each of its profiles (inherited ones included). Returns the
+    file and what was checked; raises one :class:`RecipeError` with every problem found."""
+    path = find_recipe(ref)
+    merged = _resolve_extends(path, [])
+    profiles = merged.get("profiles") or {}
+    names = list(profiles) if isinstance(profiles, dict) else []
+    failures: list[tuple[str, str]] = []  # (source label, problem)
+    checked: list[str] = []
+    for name in [None, *names]:
+        try:
+            load_recipe(path, name, registry=registry, bare=name is None)
+            checked.append(name or "(no profile)")
+        except RecipeError as exc:
+            failures.extend((exc.source, p) for p in exc.problems)
+    if failures:
+        sources = {src for src, _ in failures}
+        if len(sources) == 1:
+            raise RecipeError(failures[0][0], [p for _, p in failures])
+        raise RecipeError(str(path), [f"{src}: {p}" for src, p in failures])
+    return path, checked
+
+
+def validate_mapping(
+    data: dict[str, Any],
+    label: str,
+    *,
+    registry: Any = None,
+    profile: str | None = None,
+    overrides: list[str] = (),
+    source: str | None = None,
+) -> ResolvedRecipe:
+    if registry is None:
+        from vlmkit.core.registry import get_registry
+
+        registry = get_registry()
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(label, format_validation_errors(exc, Recipe, data)) from None
+
+    problems: list[str] = []
+    components: dict[str, BuiltComponentSpec] = {}
+    for kind in COMPONENTS:
+        spec = getattr(recipe.model, kind)
+        built = _validate_component(registry, kind, spec.name, spec.options(), ("model", kind), problems)
+        if built is not None:
+            components[kind] = built
+    datasets: dict[str, BuiltComponentSpec] = {}
+    for alias, dspec in recipe.data.items():
+        built = _validate_component(registry, "dataset", dspec.type, dspec.options(), ("data", alias), problems, key="type")
+        if built is not None:
+            datasets[alias] = built
+    seen_stages: dict[str, int] = {}
+    for i, stage in enumerate(recipe.stages):
+        if stage.name in seen_stages:
+            problems.append(f"stages.{i}.name: stage name '{stage.name}' is used twice (also stages.{seen_stages[stage.name]})")
+        seen_stages.setdefault(stage.name, i)
+        for j, alias in enumerate(stage.data):
+            if alias not in recipe.data:
+                problems.append(
+                    f"stages.{i}.data.{j}: no dataset '{alias}' in the recipe's data section{suggest(alias, recipe.data)} "
+                    f"defined: {listing(recipe.data)}"
+                )
+    for i, ev in enumerate(recipe.eval):
+        problems.append(
+            f"eval.{i}.type: unknown evaluator '{ev.type}'; available: (none registered in this version)"
+        )
+    if problems:
+        raise RecipeError(label, problems)
+    return ResolvedRecipe(recipe, components, datasets, data, source or label, profile, list(overrides))
+
+
+def _validate_component(
+    registry: Any,
+    kind: str,
+    name: str,
+    options: dict[str, Any],
+    loc: tuple[str, ...],
+    problems: list[str],
+    key: str = "name",
+) -> BuiltComponentSpec | None:
+    where = ".".join(loc)
+    if name not in registry.components[kind]:
+        available = registry.components[kind]
+        problems.append(
+            f"{where}.{key}: unknown {kind} '{name}'{suggest(name, available)} available: {listing(available)}"
+        )
+        return None
+    try:
+        config_cls = registry.entry(kind, name).config_class
+    except PluginError as exc:
+        problems.append(f"{where}.{key}: {exc}")
+        return None
+    try:
+        config = config_cls.model_validate(options)
+    except ValidationError as exc:
+        problems.extend(format_validation_errors(exc, config_cls, options, prefix=loc, extra_allowed=[key]))
+        return None
+    return BuiltComponentSpec(kind, name, config)
+
+
+# ------------------------------------------------------------------------------ error formatting
+def format_validation_errors(
+    exc: ValidationError,
+    model: type[BaseModel],
+    data: Any,
+    prefix: tuple[str, ...] = (),
+    extra_allowed: list[str] = (),
+) -> list[str]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = _clean_loc(err["loc"])
+        path = ".".join(str(p) for p in (*prefix, *loc)) or "(top level)"
+        kind = err["type"]
+        value = err.get("input")
+        if kind == "extra_forbidden":
+            allowed = [*extra_allowed, *_fields_at(model, loc[:-1])]
+            field_name = str(loc[-1]) if loc else "?"
+            problems.append(f"{path}: unknown field '{field_name}'{suggest(field_name, allowed)} allowed: {listing(allowed)}")
+        elif kind == "missing":
+            problems.append(f"{path}: required field is missing")
+        elif kind in {"literal_error", "enum"}:
+            expected = err.get("ctx", {}).get("expected", "")
+            choices = re.findall(r"'([^']*)'", expected)
+            problems.append(f"{path}: got {value!r}{suggest(str(value), choices)} allowed: {expected}")
+        elif kind == "value_error":
+            message = str(err["msg"]).removeprefix("Value error, ")
+            problems.append(f"{path}: {message}")
+        else:
+            problems.append(f"{path}: {err['msg'].lower()} (got {_short(value)})")
+    return problems
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    # pydantic adds validator tags such as 'function-after[...]' or the type of a union member
+    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p and "]" in p)))
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model found by walking ``loc`` from ``model`` (best effort)."""
+    current: Any = model
+    for part in loc:
+        current = _descend(current, part)
+        if current is None:
+            return []
+    model_cls = _as_model(current)
+    return list(model_cls.model_fields) if model_cls is not None else []
+
+
+def _descend(annotation: Any, part: Any) -> Any:
+    model_cls = _as_model(annotation)
+    if model_cls is not None:
+        field_info = model_cls.model_fields.get(str(part))
+        return field_info.annotation if field_info is not None else None
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (list, tuple) and args:
+        return args[0]
+    if origin is dict and len(args) == 2:
+        return args[1]
+    if args:  # Optional / Union: the first model-like member
+        for a in args:
+            found = _descend(a, part)
+            if found is not None:
+                return found
+    return None
+
+
+def _as_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for a in typing.get_args(annotation):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None

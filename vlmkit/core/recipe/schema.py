@@ -1,0 +1,156 @@
+"""The recipe schema: pydantic models of every recipe section (unknown keys are errors).
+
+Component sections (``model.encoder`` ...) and dataset entries carry their own options next to
+``name`` / ``type``; those are validated in a second pass against the registered component's
+``Config`` (:mod:`vlmkit.core.recipe.loader`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
+
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.\-]*$"
+COMPONENTS = ("encoder", "connector", "fusion", "decoder")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ComponentSpec(BaseModel):
+    """``{name: <registered name>, <the component's own options>}``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(description="registered component name (see `recipes components`)")
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ModelSpec(Strict):
+    encoder: ComponentSpec
+    connector: ComponentSpec
+    fusion: ComponentSpec
+    decoder: ComponentSpec
+
+
+class DatasetSpec(BaseModel):
+    """``{type: <registered dataset type>, <its options>}``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="registered dataset type (see `recipes components dataset`)")
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class LoraSpec(Strict):
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(
+        None, description="module-name suffixes; default: the decoder family's names"
+    )
+
+
+TuneMode = Literal["frozen", "full", "lora", "partial"]
+
+
+class TuneSpec(Strict):
+    """How one component is tuned in a stage. A bare string is the mode alone: ``frozen``."""
+
+    mode: TuneMode
+    lora: LoraSpec | None = None
+    modules: list[str] | None = Field(None, description="partial: names of sub-modules to train")
+    last_layers: PositiveInt | None = Field(None, description="partial: train the last k decoder layers")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"mode": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TuneSpec":
+        if self.mode == "lora" and self.lora is None:
+            self.lora = LoraSpec()
+        if self.mode != "lora" and self.lora is not None:
+            raise ValueError(f"'lora' options need mode 'lora' (mode is '{self.mode}')")
+        if self.mode == "partial" and not (self.modules or self.last_layers):
+            raise ValueError("mode 'partial' needs 'modules' (sub-module names) or 'last_layers' (k)")
+        if self.mode != "partial" and (self.modules or self.last_layers):
+            raise ValueError(f"'modules' / 'last_layers' need mode 'partial' (mode is '{self.mode}')")
+        return self
+
+
+class StageTune(Strict):
+    """The tune mode of every component: all four are spelled out, nothing is guessed."""
+
+    encoder: TuneSpec
+    connector: TuneSpec
+    fusion: TuneSpec
+    decoder: TuneSpec
+
+
+class OptimizerSpec(Strict):
+    name: Literal["adamw"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class StageSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN, description="explicit stage name, e.g. align / instruct")
+    data: list[str] = Field(min_length=1, description="names of entries in the recipe's `data` section")
+    tune: StageTune
+    optimizer: OptimizerSpec = OptimizerSpec()
+    lr: PositiveFloat
+    lr_per_component: dict[Literal["encoder", "connector", "fusion", "decoder"], PositiveFloat] = {}
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: NonNegativeInt = 0
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    epochs: PositiveFloat | None = None
+    max_steps: PositiveInt | None = None
+    batch_size: PositiveInt
+    grad_accum: PositiveInt = 1
+    max_grad_norm: PositiveFloat | None = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    log_every: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _length(self) -> "StageSpec":
+        if (self.epochs is None) == (self.max_steps is None):
+            raise ValueError("set exactly one of 'epochs' and 'max_steps'")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set at most one of 'warmup_steps' and 'warmup_ratio'")
+        return self
+
+
+class EvalSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    extends: str | None = Field(None, description="a parent recipe (shipped name or path), deep-merged under this one")
+    seed: int = 0
+    model: ModelSpec
+    data: dict[str, DatasetSpec] = Field(min_length=1)
+    stages: list[StageSpec] = Field(min_length=1)
+    eval: list[EvalSpec] = []
+    profiles: dict[str, dict[str, Any]] = {}
+    default_profile: str | None = None

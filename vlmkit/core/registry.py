@@ -1,0 +1,324 @@
+"""The component registry: a pluggy host that collects components from plug-ins.
+
+Built-in components (listed in ``vlmkit/registry.yaml``) are registered by the built-in plug-in
+through the same hooks as third-party plug-ins, which are found through the entry-point group
+``vlmkit``. Each plug-in is loaded and called on its own: one that fails is reported (a warning
+naming its distribution) and everything else keeps working, unless strict mode makes it fatal.
+
+Environment:
+    ``VLMKIT_STRICT_PLUGINS=1``  a plug-in failure is an error; pluggy's ``check_pending()`` runs.
+    ``VLMKIT_PLUGINS=a,b``      load only these third-party plug-ins (entry-point or distribution names).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import inspect
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pluggy
+from pydantic import BaseModel
+
+from vlmkit.core.errors import DuplicateComponentError, PluginError, VlmkitError, listing, suggest
+from vlmkit.core.hookspecs import HOOK_FOR_KIND, KINDS, PROJECT, VlmkitHookSpecs
+
+ENTRY_POINT_GROUP = "vlmkit"
+BUILTIN_PLUGIN = "vlmkit"
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
+
+
+class PluginWarning(UserWarning):
+    """A plug-in failed to load or register; its components are unavailable."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    """Who registered a component: a plug-in and the distribution that ships it."""
+
+    plugin: str
+    distribution: str | None = None
+    version: str | None = None
+
+    def describe(self) -> str:
+        if self.plugin == BUILTIN_PLUGIN and self.distribution == "vlmkit":
+            return "vlmkit (built-in)"
+        dist = f"distribution {self.distribution} {self.version or ''}".strip() if self.distribution else "no distribution"
+        return f"plug-in '{self.plugin}' ({dist})"
+
+
+@dataclass
+class ComponentEntry:
+    kind: str
+    name: str
+    target: Any  # a class, or a "module:object" string resolved on first use
+    summary: str
+    provider: Provider
+    _cls: type | None = field(default=None, repr=False)
+
+    @property
+    def reference(self) -> str:
+        if isinstance(self.target, str):
+            return self.target
+        return f"{self.target.__module__}:{self.target.__qualname__}"
+
+    def load(self) -> type:
+        """The component class, imported if registered by reference, checked against its interface."""
+        if self._cls is None:
+            target = self.target
+            if isinstance(target, str):
+                try:
+                    target = import_object(target)
+                except Exception as exc:  # noqa: BLE001 - any import failure is the provider's
+                    raise PluginError(
+                        f"{self.kind} '{self.name}' from {self.provider.describe()} could not be imported "
+                        f"from '{self.target}': {type(exc).__name__}: {exc}"
+                    ) from exc
+            check_component_class(self.kind, self.name, target)
+            self._cls = target
+        return self._cls
+
+    @property
+    def config_class(self) -> type[BaseModel]:
+        return self.load().Config
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    distribution: str | None
+    version: str | None
+    status: str  # "loaded" | "failed" | "skipped"
+    error: str | None = None
+    hooks: list[str] = field(default_factory=list)
+    components: list[tuple[str, str]] = field(default_factory=list)  # (kind, name)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "status": self.status,
+            "error": self.error,
+            "hooks": self.hooks,
+            "components": [{"kind": k, "name": n} for k, n in self.components],
+        }
+
+
+def import_object(ref: str) -> Any:
+    """``"package.module:Object"`` -> the object."""
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"'{ref}' is not of the form 'module:object'")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_component_class(kind: str, name: str, cls: Any) -> None:
+    from vlmkit.core.interfaces import INTERFACES  # torch is imported only when a class is checked
+
+    interface = INTERFACES[kind]
+    if not (inspect.isclass(cls) and issubclass(cls, interface)):
+        raise PluginError(f"{kind} '{name}': {cls!r} is not a subclass of {interface.__module__}.{interface.__name__}")
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+        raise PluginError(f"{kind} '{name}': {cls.__qualname__} does not implement {missing}")
+    config = getattr(cls, "Config", None)
+    if not (inspect.isclass(config) and issubclass(config, BaseModel)):
+        raise PluginError(f"{kind} '{name}': {cls.__qualname__}.Config must be a pydantic model")
+    if config.model_config.get("extra") != "forbid":
+        raise PluginError(
+            f"{kind} '{name}': {cls.__qualname__}.Config must forbid unknown keys "
+            "(subclass vlmkit.core.interfaces.ComponentConfig)"
+        )
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+class Registry:
+    """Every component kind -> name -> :class:`ComponentEntry`, collected from the plug-ins.
+
+    ``strict`` and ``allow`` default to the environment (``VLMKIT_STRICT_PLUGINS``,
+    ``VLMKIT_PLUGINS``). ``plugins`` adds ``(name, object)`` plug-ins directly (tests, notebooks).
+    """
+
+    def __init__(
+        self,
+        *,
+        strict: bool | None = None,
+        allow: list[str] | None = None,
+        entry_points: bool = True,
+        builtins: bool = True,
+        plugins: list[tuple[str, Any]] = (),
+    ):
+        self.strict = _env_flag("VLMKIT_STRICT_PLUGINS") if strict is None else strict
+        if allow is None and os.environ.get("VLMKIT_PLUGINS", "").strip():
+            allow = [a.strip() for a in os.environ["VLMKIT_PLUGINS"].split(",") if a.strip()]
+        self.allow = allow
+        self.components: dict[str, dict[str, ComponentEntry]] = {k: {} for k in KINDS}
+        self.plugins: dict[str, PluginInfo] = {}
+        self._providers: dict[str, Provider] = {}
+        self.pm = pluggy.PluginManager(PROJECT)
+        self.pm.add_hookspecs(VlmkitHookSpecs)
+
+        if builtins:
+            from vlmkit.core import builtins as builtin_plugin
+
+            self._add_plugin(BUILTIN_PLUGIN, builtin_plugin, "vlmkit", _dist_version("vlmkit"))
+        if entry_points:
+            self._load_entry_points()
+        for name, obj in plugins:
+            self._add_plugin(name, obj, None, None)
+        if self.strict:
+            try:
+                self.pm.check_pending()
+            except pluggy.PluginValidationError as exc:
+                raise PluginError(f"strict plug-in check failed: {exc}") from exc
+        self._collect()
+
+    # ------------------------------------------------------------------ loading
+    def _load_entry_points(self) -> None:
+        for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            dist = ep.dist.name if ep.dist is not None else None
+            version = ep.dist.version if ep.dist is not None else None
+            if self.allow is not None and ep.name not in self.allow and dist not in self.allow:
+                self.plugins[ep.name] = PluginInfo(ep.name, dist, version, "skipped", "not in VLMKIT_PLUGINS")
+                continue
+            try:
+                obj = ep.load()
+            except Exception as exc:  # noqa: BLE001 - a broken plug-in must not break the host
+                self._fail(PluginInfo(ep.name, dist, version, "failed"), f"failed to import '{ep.value}'", exc)
+                continue
+            self._add_plugin(ep.name, obj, dist, version)
+
+    def _add_plugin(self, name: str, obj: Any, dist: str | None, version: str | None) -> None:
+        info = PluginInfo(name, dist, version, "loaded")
+        if name in self.plugins and self.plugins[name].status == "loaded":
+            other = self.plugins[name]
+            raise PluginError(
+                f"two plug-ins are named '{name}': from {other.distribution or 'no distribution'} and from "
+                f"{dist or 'no distribution'}; uninstall one or restrict with VLMKIT_PLUGINS"
+            )
+        try:
+            self.pm.register(obj, name=name)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(info, "failed to register its hooks", exc)
+            return
+        info.hooks = sorted({impl_name for impl_name in _hook_names(self.pm, obj)})
+        self.plugins[name] = info
+        self._providers[name] = Provider(name, dist, version)
+
+    def _fail(self, info: PluginInfo, what: str, exc: BaseException) -> None:
+        info.status = "failed"
+        info.error = f"{what}: {type(exc).__name__}: {exc}"
+        self.plugins[info.name] = info
+        dist = f"distribution {info.distribution} {info.version or ''}".strip() if info.distribution else "no distribution"
+        message = f"plug-in '{info.name}' ({dist}) {info.error}"
+        if self.strict:
+            raise PluginError(message + " (strict plug-in mode: VLMKIT_STRICT_PLUGINS / --strict-plugins)") from exc
+        warnings.warn(
+            message + "; its components are unavailable (set VLMKIT_STRICT_PLUGINS=1 to make this an error)",
+            PluginWarning,
+            stacklevel=3,
+        )
+
+    def _collect(self) -> None:
+        for kind in KINDS:
+            caller = getattr(self.pm.hook, HOOK_FOR_KIND[kind])
+            for impl in reversed(caller.get_hookimpls()):  # registration order
+                plugin = impl.plugin_name
+                if self.plugins.get(plugin) is None or self.plugins[plugin].status != "loaded":
+                    continue
+                provider = self._providers[plugin]
+                register = self._register_callback(kind, provider)
+                kwargs = {"register": register} if "register" in impl.argnames else {}
+                try:
+                    impl.function(**kwargs)
+                except DuplicateComponentError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    self._drop(plugin)
+                    self._fail(self.plugins[plugin], f"failed in {HOOK_FOR_KIND[kind]}", exc)
+
+    def _drop(self, plugin: str) -> None:
+        for kind in KINDS:
+            for name in [n for n, e in self.components[kind].items() if e.provider.plugin == plugin]:
+                del self.components[kind][name]
+        self.plugins[plugin].components = []
+
+    def _register_callback(self, kind: str, provider: Provider) -> Callable[..., None]:
+        def register(name: str, component: Any, summary: str | None = None) -> None:
+            if not isinstance(name, str) or not _NAME_RE.match(name):
+                raise PluginError(f"{kind} name {name!r} must start with a letter and use letters, digits, '_', '-', '.'")
+            if isinstance(component, str):
+                if ":" not in component:
+                    raise PluginError(f"{kind} '{name}': reference {component!r} is not of the form 'module:object'")
+            else:
+                check_component_class(kind, name, component)
+            existing = self.components[kind].get(name)
+            if existing is not None:
+                raise DuplicateComponentError(
+                    f"{kind} '{name}' is registered twice: by {existing.provider.describe()} and by "
+                    f"{provider.describe()}; uninstall one of them or leave one out with VLMKIT_PLUGINS"
+                )
+            if summary is None:
+                doc = inspect.getdoc(component) if not isinstance(component, str) else None
+                summary = doc.splitlines()[0] if doc else ""
+            self.components[kind][name] = ComponentEntry(kind, name, component, summary, provider)
+            self.plugins[provider.plugin].components.append((kind, name))
+
+        return register
+
+    # ------------------------------------------------------------------ queries
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.components[kind])
+
+    def entry(self, kind: str, name: str) -> ComponentEntry:
+        try:
+            return self.components[kind][name]
+        except KeyError:
+            raise VlmkitError(
+                f"unknown {kind} '{name}'{suggest(name, self.components[kind])} available: {listing(self.components[kind])}"
+            ) from None
+
+    def component_class(self, kind: str, name: str) -> type:
+        return self.entry(kind, name).load()
+
+    def plugin_report(self) -> list[dict[str, Any]]:
+        return [info.as_dict() for info in self.plugins.values()]
+
+
+def _hook_names(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
+    return [caller.name for caller in (pm.get_hookcallers(plugin) or [])]
+
+
+def _dist_version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+_DEFAULT: Registry | None = None
+
+
+def get_registry(*, refresh: bool = False) -> Registry:
+    """The process-wide registry (built on first use from the environment's settings)."""
+    global _DEFAULT
+    if _DEFAULT is None or refresh:
+        _DEFAULT = Registry()
+    return _DEFAULT
+
+
+def set_registry(registry: Registry | None) -> None:
+    """Replace the process-wide registry (``None``: rebuild on next use)."""
+    global _DEFAULT
+    _DEFAULT = registry
