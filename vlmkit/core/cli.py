@@ -20,8 +20,10 @@ from vlmkit.core.hookspecs import KINDS
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
-    common.add_argument("--strict-plugins", action="store_true", help="a plug-in that fails to load is an error")
+    # SUPPRESS: the sub-command's copy of these options must not reset one given before the command
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    common.add_argument("--strict-plugins", action="store_true", default=argparse.SUPPRESS,
+                        help="a plug-in that fails to load is an error")
 
     parser = argparse.ArgumentParser(
         prog="recipes",
@@ -56,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.debug = getattr(args, "debug", False)
+    args.strict_plugins = getattr(args, "strict_plugins", False)
     if args.strict_plugins:
         os.environ["VLMKIT_STRICT_PLUGINS"] = "1"
     warnings.showwarning = _show_warning

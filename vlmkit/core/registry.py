@@ -78,7 +78,10 @@ class ComponentEntry:
                         f"{self.kind} '{self.name}' from {self.provider.describe()} could not be imported "
                         f"from '{self.target}': {type(exc).__name__}: {exc}"
                     ) from exc
-            check_component_class(self.kind, self.name, target)
+            try:
+                check_component_class(self.kind, self.name, target)
+            except PluginError as exc:
+                raise PluginError(f"{exc} (registered as '{self.target}' by {self.provider.describe()})") from exc
             self._cls = target
         return self._cls
 
@@ -181,8 +184,30 @@ class Registry:
             try:
                 self.pm.check_pending()
             except pluggy.PluginValidationError as exc:
-                raise PluginError(f"strict plug-in check failed: {exc}") from exc
+                provider = self._providers.get(self.pm.get_name(exc.plugin) or "")
+                who = f" {provider.describe()}:" if provider else ""
+                raise PluginError(f"strict plug-in check failed:{who} {exc}") from exc
+        else:
+            self._warn_unknown_hooks()
         self._collect()
+
+    def _warn_unknown_hooks(self) -> None:
+        """A hook implementation whose name is no vlmkit hook (a typo such as ``register_encodrs``)
+        would never be called: say so (strict mode makes it an error through ``check_pending``)."""
+        known = set(vars(VlmkitHookSpecs))
+        for name in sorted(vars(self.pm.hook)):
+            caller = getattr(self.pm.hook, name)
+            if name.startswith("_") or name in known or not isinstance(caller, pluggy.HookCaller):
+                continue
+            for impl in caller.get_hookimpls():
+                provider = self._providers.get(impl.plugin_name)
+                who = provider.describe() if provider else f"plug-in '{impl.plugin_name}'"
+                warnings.warn(
+                    f"{who} implements '{name}', which is not a vlmkit hook{suggest(name, HOOK_FOR_KIND.values())} "
+                    f"it is never called; hooks: {', '.join(HOOK_FOR_KIND.values())}",
+                    PluginWarning,
+                    stacklevel=3,
+                )
 
     # ------------------------------------------------------------------ loading
     def _load_entry_points(self) -> None:
@@ -233,7 +258,7 @@ class Registry:
     def _collect(self) -> None:
         for kind in KINDS:
             caller = getattr(self.pm.hook, HOOK_FOR_KIND[kind])
-            for impl in reversed(caller.get_hookimpls()):  # registration order
+            for impl in caller.get_hookimpls():  # registration order (pluggy *calls* them in reverse)
                 plugin = impl.plugin_name
                 if self.plugins.get(plugin) is None or self.plugins[plugin].status != "loaded":
                     continue
