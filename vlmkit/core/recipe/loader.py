@@ -102,6 +102,8 @@ def _resolve_extends(path: Path, chain: list[Path]) -> dict[str, Any]:
     except VlmkitError as exc:
         raise RecipeError(str(path), [f"extends: {exc}"]) from None
     parent = _resolve_extends(parent_path, [*chain, path])
+    if "name" in data:  # the recipe's own name is no component identity: a renamed child still merges
+        parent = {**parent, "name": data["name"]}
     return deep_merge(parent, data)
 
 
@@ -166,12 +168,16 @@ def validate_all_profiles(ref: str | Path, registry: Any = None) -> tuple[Path, 
     names = list(profiles) if isinstance(profiles, dict) else []
     failures: list[tuple[str, str]] = []  # (source label, problem)
     checked: list[str] = []
+    bare_problems: set[str] = set()
     for name in [None, *names]:
         try:
             load_recipe(path, name, registry=registry, bare=name is None)
             checked.append(name or "(no profile)")
         except RecipeError as exc:
-            failures.extend((exc.source, p) for p in exc.problems)
+            # a problem of the recipe itself recurs under every profile: report it once
+            failures.extend((exc.source, p) for p in exc.problems if name is None or p not in bare_problems)
+            if name is None:
+                bare_problems.update(exc.problems)
     if failures:
         sources = {src for src, _ in failures}
         if len(sources) == 1:
@@ -196,7 +202,8 @@ def validate_mapping(
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(label, format_validation_errors(exc, Recipe, data)) from None
+        problems = format_validation_errors(exc, Recipe, data)
+        raise RecipeError(label, problems + _unparsed_component_problems(registry, data)) from None
 
     problems: list[str] = []
     components: dict[str, BuiltComponentSpec] = {}
@@ -228,6 +235,23 @@ def validate_mapping(
     if problems:
         raise RecipeError(label, problems)
     return ResolvedRecipe(recipe, components, datasets, data, source or label, profile, list(overrides))
+
+
+def _unparsed_component_problems(registry: Any, data: dict[str, Any]) -> list[str]:
+    """The component and dataset sections checked even though the recipe as a whole did not
+    validate, so that one run reports every problem (sections without a string name/type are
+    already reported by the schema)."""
+    sections: list[tuple[str, tuple[str, ...], Any, str]] = []
+    if isinstance(data.get("model"), dict):
+        sections += [(kind, ("model", kind), data["model"].get(kind), "name") for kind in COMPONENTS]
+    if isinstance(data.get("data"), dict):
+        sections += [("dataset", ("data", str(alias)), spec, "type") for alias, spec in data["data"].items()]
+    problems: list[str] = []
+    for kind, loc, spec, key in sections:
+        if isinstance(spec, dict) and isinstance(spec.get(key), str):
+            options = {k: v for k, v in spec.items() if k != key}
+            _validate_component(registry, kind, spec[key], options, loc, problems, key=key)
+    return problems
 
 
 def _validate_component(
@@ -270,7 +294,7 @@ def format_validation_errors(
     problems = []
     for err in exc.errors(include_url=False):
         loc = _clean_loc(err["loc"])
-        path = ".".join(str(p) for p in (*prefix, *loc)) or "(top level)"
+        path = ".".join(str(p) for p in (*prefix, *_written_loc(data, loc))) or "(top level)"
         kind = err["type"]
         value = err.get("input")
         if kind == "extra_forbidden":
@@ -287,8 +311,25 @@ def format_validation_errors(
             message = str(err["msg"]).removeprefix("Value error, ")
             problems.append(f"{path}: {message}")
         else:
-            problems.append(f"{path}: {err['msg'].lower()} (got {_short(value)})")
+            msg = str(err["msg"])
+            problems.append(f"{path}: {msg[:1].lower()}{msg[1:]} (got {_short(value)})")
     return problems
+
+
+def _written_loc(data: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``loc`` cut where the recipe holds a plain value that a validator expanded into a mapping
+    (``encoder: frozn`` for ``{mode: frozn}``): the error is at what the user wrote."""
+    node = data
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and -len(node) <= part < len(node):
+            node = node[part]
+        elif i > 0 and not isinstance(node, (dict, list)) and node is not None:
+            return loc[:i]
+        else:
+            return loc
+    return loc
 
 
 def _short(value: Any) -> str:
@@ -313,16 +354,16 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def _descend(annotation: Any, part: Any) -> Any:
-    model_cls = _as_model(annotation)
-    if model_cls is not None:
-        field_info = model_cls.model_fields.get(str(part))
-        return field_info.annotation if field_info is not None else None
     origin = typing.get_origin(annotation)
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if origin in (list, tuple) and args:
         return args[0]
     if origin is dict and len(args) == 2:
         return args[1]
+    model_cls = _as_model(annotation)
+    if model_cls is not None:
+        field_info = model_cls.model_fields.get(str(part))
+        return field_info.annotation if field_info is not None else None
     if args:  # Optional / Union: the first model-like member
         for a in args:
             found = _descend(a, part)
