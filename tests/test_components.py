@@ -69,7 +69,7 @@ def test_pickled_objects_are_refused(tmp_path):
 
     path = tmp_path / "evil.pth"
     with path.open("wb") as f:
-        pickle.dump({"x": Evil()}, f)
+        pickle.dump({"x": Evil()}, f, protocol=2)
     with pytest.raises(VlmkitError, match="weights-only"):
         TimmEncoder(TimmEncoderConfig(model_name="vit_tiny_patch16_224", image_size=32, model_kwargs=VIT, weights=str(path)))
 
@@ -266,3 +266,22 @@ def test_tuning_modes(tmp_path):
     assert len([n for n, p in model.decoder.named_parameters() if p.requires_grad]) == count
     with pytest.raises(VlmkitError, match=r"stages.3.tune.connector.modules: no sub-module 'nope'"):
         apply_tuning(model, _tune(connector={"mode": "partial", "modules": ["nope"]}), "stages.3")
+
+
+def test_decoder_from_local_folder_equals_saved_model(tmp_path):
+    cfg = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 2, "num_key_value_heads": 1}
+    torch.manual_seed(0)
+    source = HFCausalLM(HFCausalLMConfig(config=cfg, tokenizer_type="byte_level"))
+    source.model.save_pretrained(tmp_path / "lm")
+    source.tokenizer.save_pretrained(tmp_path / "lm")
+    loaded = HFCausalLM(HFCausalLMConfig(pretrained=str(tmp_path / "lm")))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    emb = loaded.get_input_embeddings()(ids)
+    torch.testing.assert_close(loaded(inputs_embeds=emb).logits, source(inputs_embeds=source.get_input_embeddings()(ids)).logits)
+    assert loaded.tokenizer("abc", add_special_tokens=False)["input_ids"] == source.tokenizer("abc", add_special_tokens=False)["input_ids"]
+
+
+def test_decoder_missing_folder_is_a_user_error(tmp_path):
+    with pytest.raises(VlmkitError, match="model.decoder"):
+        HFCausalLM(HFCausalLMConfig(pretrained=str(tmp_path / "nope")))
