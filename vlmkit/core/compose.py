@@ -62,6 +62,19 @@ class VisionLanguageModel(nn.Module):
         media = self.encode_media(vision_x, media_mask)
         return self.fusion(self.decoder, input_ids, attention_mask, media, media_mask, labels=labels, **decoder_kwargs)
 
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        vision_x: torch.Tensor,
+        media_mask: torch.Tensor,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Left-padded prompts ``(B, L)`` with their images -> the new tokens ``(B, new)``."""
+        media = self.encode_media(vision_x, media_mask)
+        return self.fusion.generate(self.decoder, input_ids, attention_mask, media, media_mask, **generate_kwargs)
+
 
 def build_model(resolved: ResolvedRecipe, registry: Any = None) -> VisionLanguageModel:
     """Construct every component of ``resolved`` and wire their widths."""
@@ -86,12 +99,12 @@ def build_model(resolved: ResolvedRecipe, registry: Any = None) -> VisionLanguag
             f"model.connector.width_in: connector '{conn_name}' is set to width {conn_cfg.width_in} but encoder "
             f"'{enc_name}' outputs width {encoder.width}; remove width_in to wire it automatically"
         )
+    fusion = construct("fusion", specs["fusion"].config)
     update = {"width_in": encoder.width}
     if getattr(conn_cfg, "width_out", None) is None:
-        update["width_out"] = decoder.width
+        update["width_out"] = fusion.media_width(decoder.width, encoder.width)
     conn_cfg = conn_cfg.model_copy(update=update)
     connector = construct("connector", conn_cfg)
-    fusion = construct("fusion", specs["fusion"].config)
     try:
         fusion.attach(decoder, connector.width_out)
     except VlmkitError as exc:

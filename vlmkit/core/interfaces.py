@@ -154,6 +154,11 @@ class Fusion(nn.Module, ABC):
     def attach(self, decoder: "LanguageDecoder", media_width: int) -> None:
         """Bind to the decoder; ``media_width`` is the connector's output width."""
 
+    def media_width(self, decoder_width: int, encoder_width: int) -> int:
+        """The connector output width this fusion takes when the recipe does not set
+        ``model.connector.width_out`` (default: the decoder's width)."""
+        return decoder_width
+
     @abstractmethod
     def placeholder_tokens(self, tokens_per_image: int) -> int:
         """How many ``<image>`` tokens stand for one image in the text (the collator expands each
@@ -176,6 +181,21 @@ class Fusion(nn.Module, ABC):
         outputs; ``media_mask``: ``(B, T_img)`` bool, True for real (not padded) images.
         Returns the decoder's output (``loss`` when labels are given, ``logits (B, L, vocab)``).
         """
+
+    @abstractmethod
+    def generate(
+        self,
+        decoder: "LanguageDecoder",
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        media: torch.Tensor,
+        media_mask: torch.Tensor,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Continue left-padded prompts ``input_ids (B, L)`` conditioned on ``media (B, T_img, Q, d)``
+        with the decoder's ``generate`` (KV cache on by default; ``generate_kwargs`` such as
+        ``max_new_tokens``, ``num_beams``, ``eos_token_id`` pass through). Returns only the new
+        tokens ``(B * num_return_sequences, new)``."""
 
 
 # ----------------------------------------------------------------------------------------- decoders
@@ -234,6 +254,12 @@ class LanguageDecoder(nn.Module, ABC):
     ) -> Any:
         """``inputs_embeds (B, L, width)`` -> a causal-LM output with ``logits (B, L, vocab)`` and,
         with ``labels (B, L)`` (-100 = ignored), the shifted cross-entropy ``loss``."""
+
+    @abstractmethod
+    def generate(self, **generate_kwargs: Any) -> torch.Tensor:
+        """transformers-style ``generate`` (``input_ids`` or ``inputs_embeds``, ``attention_mask``,
+        ``past_key_values`` handling, ``max_new_tokens``, ``num_beams`` ...). With ``inputs_embeds``
+        alone it returns only the new tokens."""
 
 
 # ----------------------------------------------------------------------------------------- datasets

@@ -178,3 +178,7 @@ class HFCausalLM(LanguageDecoder):
         **kwargs: Any,
     ) -> Any:
         return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def generate(self, **generate_kwargs: Any) -> torch.Tensor:
+        generate_kwargs.setdefault("pad_token_id", self._tokenizer.pad_token_id)
+        return self.model.generate(**generate_kwargs)
