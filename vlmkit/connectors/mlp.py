@@ -49,7 +49,9 @@ class LinearProjector(Connector):
     def num_queries(self, num_tokens_in: int, num_frames: int = 1) -> int:
         return num_tokens_in * num_frames
 
-    def forward(self, features: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
+    def forward(
+        self, features: torch.Tensor, num_frames: int = 1, media_positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``(N, F * tokens, width_in)`` -> ``(N, F * tokens, width_out)``."""
         return self.proj(features)
 
@@ -69,6 +71,8 @@ class MLPProjector(Connector):
     def num_queries(self, num_tokens_in: int, num_frames: int = 1) -> int:
         return num_tokens_in * num_frames
 
-    def forward(self, features: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
+    def forward(
+        self, features: torch.Tensor, num_frames: int = 1, media_positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``(N, F * tokens, width_in)`` -> ``(N, F * tokens, width_out)``."""
         return self.net(features)

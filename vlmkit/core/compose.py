@@ -45,7 +45,8 @@ class VisionLanguageModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
             feats = self.encoder(real.flatten(0, 1))  # (N*F, tokens, w)
         feats = feats.reshape(real.shape[0], F * feats.shape[1], feats.shape[2])  # (N, F*tokens, w)
-        tokens = self.connector(feats, num_frames=F)  # (N, Q, d)
+        positions = torch.arange(T, device=media_mask.device).expand(B, T)[media_mask]  # (N,) image index in sample
+        tokens = self.connector(feats, num_frames=F, media_positions=positions)  # (N, Q, d)
         media = tokens.new_zeros((B, T, tokens.shape[1], tokens.shape[2]))
         media[media_mask] = tokens
         return media

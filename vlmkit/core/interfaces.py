@@ -127,8 +127,13 @@ class Connector(nn.Module, ABC):
         """Output tokens per image for ``num_tokens_in`` input tokens per frame."""
 
     @abstractmethod
-    def forward(self, features: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
-        """``features (N, F * tokens, width_in)`` -> ``(N, queries, width_out)``."""
+    def forward(
+        self, features: torch.Tensor, num_frames: int = 1, media_positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``features (N, F * tokens, width_in)`` -> ``(N, queries, width_out)``.
+
+        ``media_positions (N,)`` (long): each image's index among its sample's images (0, 1, ...),
+        for connectors with media-time embeddings; others ignore it."""
 
 
 # ------------------------------------------------------------------------------------------ fusions
