@@ -14,6 +14,10 @@ import yaml
 
 from vlmkit.core.recipe.loader import shipped_recipes
 
+from vlmkit.core.registry import get_registry
+
+CONNECTORS = ", ".join(get_registry().names("connector"))  # the built-ins, linear and mlp among them
+
 TOY = shipped_recipes()["toy_prefix"]
 
 
@@ -45,7 +49,7 @@ def test_validate_bad_recipe_is_one_message_without_traceback(bad_recipe: Path) 
     assert "Traceback" not in err
     # one message, one line: the problem of the recipe is not repeated for each of its profiles
     assert err.splitlines() == [
-        f"error: {bad_recipe}: model.connector.name: unknown connector 'mlpp'; did you mean 'mlp'? available: linear, mlp"
+        f"error: {bad_recipe}: model.connector.name: unknown connector 'mlpp'; did you mean 'mlp'? available: {CONNECTORS}"
     ]
 
 
@@ -106,7 +110,7 @@ def test_components_connector() -> None:
     lines = proc.stdout.splitlines()
     assert lines[0] == "connectors:"
     names = [line.split()[0] for line in lines[1:]]
-    assert names == ["linear", "mlp"]
+    assert names == ["abstractor", "linear", "mlp", "perceiver", "qformer"]
     assert all("vlmkit (built-in)" in line for line in lines[1:])
 
 
@@ -143,7 +147,7 @@ def test_schema() -> None:
     connector = model["properties"]["connector"]
     choices = [_deref(schema, c) for c in connector.get("anyOf", connector.get("oneOf", [connector]))]
     by_name = {c["properties"]["name"]["const"]: c for c in choices}
-    assert set(by_name) == {"linear", "mlp"}
+    assert set(by_name) == set(CONNECTORS.split(", "))  # every registered connector is a choice
     assert "projector" in by_name["mlp"]["properties"]
     assert "projector" not in by_name["linear"]["properties"]
     assert by_name["mlp"]["additionalProperties"] is False

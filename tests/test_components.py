@@ -301,3 +301,54 @@ def test_prefix_generation_cached_equals_uncached(model):
     with torch.no_grad():
         logits = model(**tensors).logits
     assert torch.equal(cached[:, 0], logits[:, -1].argmax(-1))
+
+
+@pytest.mark.parametrize("family", ["llama_untied", "gpt2_tied"])
+def test_embedding_rows_new_tokens_vs_all(tmp_path, family):
+    from vlmkit.core.train_loop import param_groups
+    from vlmkit.core.tuning import embedding_tables
+
+    def mutate(data):
+        if family == "gpt2_tied":
+            data["model"]["decoder"]["config"] = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4}
+        data["model"]["decoder"]["special_tokens"] = ["<|endofchunk|>"]
+
+    resolved = resolved_toy(tmp_path, mutate)
+    for mode in ("new_tokens", "all"):
+        model = build_model(resolved)
+        dec = model.decoder
+        assert len(dec.new_token_ids) == 2  # <|endofchunk|> from the recipe, <image> from the fusion
+        tables = embedding_tables(dec)
+        assert len(tables) == (1 if family == "gpt2_tied" else 2)
+        tune = _tune(connector="full").model_copy(update={"embeddings": mode})
+        report = apply_tuning(model, tune, "stages.0")
+        width = tables[0].shape[1]
+        expected = 2 * width * len(tables) if mode == "new_tokens" else sum(t.numel() for t in tables)
+        assert report["embeddings"]["trainable"] == expected
+        before = [t.detach().clone() for t in tables]
+        stage = resolved.recipe.stages[0]
+        groups = param_groups(model, stage.model_copy(update={"optimizer": stage.optimizer.model_copy(update={"weight_decay": 0.1})}))
+        assert all(g["weight_decay"] == 0.0 for g in groups if any(p is tables[0] for p in g["params"]))
+        opt = torch.optim.AdamW(groups, lr=1e-2)
+        samples = _samples()
+        samples[1].segments = [("<image>", False), ("shape<|endofchunk|>", True)]
+        batch = _collator(model)(samples)
+        eoc = dec.tokenizer.convert_tokens_to_ids("<|endofchunk|>")
+        assert int((batch["input_ids"] == eoc).sum()) == 1
+        for _ in range(2):
+            model(**{k: v for k, v in batch.items() if k != "ids"}).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        new = torch.tensor(dec.new_token_ids)
+        old = torch.ones(tables[0].shape[0], dtype=torch.bool)
+        old[new] = False
+        # the input row of <|endofchunk|> trains (the <image> row is replaced by image features in
+        # the input); an untied head's rows of every added token train
+        assert not torch.equal(tables[0][eoc], before[0][eoc]), "the added token's input row trains"
+        for t, b in zip(tables[1:], before[1:]):
+            assert not torch.equal(t[new], b[new]), "the added tokens' output rows train"
+        for t, b in zip(tables, before):
+            if mode == "new_tokens":
+                torch.testing.assert_close(t[old], b[old], rtol=0, atol=0)
+            else:
+                assert not torch.equal(t[old], b[old])

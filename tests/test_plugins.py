@@ -139,11 +139,17 @@ def no_plugin_warnings():
 
 
 # ------------------------------------------------------------------------------------ built-ins
-BUILTINS = [
+BUILTINS = [  # registry.yaml order, grouped by kind as the hooks register them
     ("encoder", "timm"),
+    ("encoder", "open_clip"),
+    ("encoder", "hf_vision"),
     ("connector", "linear"),
     ("connector", "mlp"),
+    ("connector", "perceiver"),
+    ("connector", "qformer"),
+    ("connector", "abstractor"),
     ("fusion", "prefix"),
+    ("fusion", "gated_cross_attention"),
     ("decoder", "hf_causal_lm"),
     ("dataset", "toy_captions"),
 ]

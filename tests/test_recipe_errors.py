@@ -14,7 +14,11 @@ import yaml
 from vlmkit.core.errors import RecipeError, VlmkitError
 from vlmkit.core.recipe.loader import load_recipe, shipped_recipes, validate_all_profiles
 
+from vlmkit.core.registry import get_registry
+
 TOY = shipped_recipes()["toy_prefix"]
+CONNECTORS = ", ".join(get_registry().names("connector"))
+assert "linear, mlp" in CONNECTORS
 BASE: dict[str, Any] = yaml.safe_load(TOY.read_text(encoding="utf-8"))
 
 
@@ -86,7 +90,7 @@ def at(path: str) -> str:
 
 CASES = [
     # ---- unknown component names / dataset types, with a did-you-mean
-    Case("connector-name", at("model.connector.name"), ["unknown connector 'mlpp'", "did you mean 'mlp'?", "available: linear, mlp"],
+    Case("connector-name", at("model.connector.name"), ["unknown connector 'mlpp'", "did you mean 'mlp'?", f"available: {CONNECTORS}"],
          setp("model.connector.name", "mlpp")),
     Case("encoder-name", at("model.encoder.name"), ["unknown encoder 'timn'", "did you mean 'timm'?"],
          setp("model.encoder.name", "timn")),
@@ -136,7 +140,7 @@ CASES = [
     Case("missing-lr", at("stages.0.lr"), ["required field is missing"], delp("stages.0.lr")),
     Case("missing-batch-size", at("stages.0.batch_size"), ["required field is missing"], delp("stages.0.batch_size")),
     Case("missing-tune-decoder", at("stages.0.tune.decoder"), ["required field is missing"], delp("stages.0.tune.decoder")),
-    Case("tune-typo", at("stages.1.tune.decodr"), ["unknown field 'decodr'", "did you mean 'decoder'?", "connector, decoder, encoder, fusion"],
+    Case("tune-typo", at("stages.1.tune.decodr"), ["unknown field 'decodr'", "did you mean 'decoder'?", "connector, decoder, embeddings, encoder, fusion"],
          both(delp("stages.1.tune.decoder"), setp("stages.1.tune.decodr", "full")), count=2),
     Case("stage-field-typo", at("stages.1.grad_acum"), ["unknown field 'grad_acum'", "did you mean 'grad_accum'?"],
          setp("stages.1.grad_acum", 2)),
@@ -317,7 +321,7 @@ def test_validate_all_profiles_reports_a_recipe_problem_once(tmp_path: Path) -> 
     with pytest.raises(RecipeError) as info:
         validate_all_profiles(path)
     assert info.value.problems == [
-        "model.connector.name: unknown connector 'mlpp'; did you mean 'mlp'? available: linear, mlp"
+        f"model.connector.name: unknown connector 'mlpp'; did you mean 'mlp'? available: {CONNECTORS}"
     ]
     assert str(info.value) == f"{path}: {info.value.problems[0]}"
 

@@ -217,6 +217,14 @@ class LanguageDecoder(nn.Module, ABC):
     def __init__(self, config: ComponentConfig):
         super().__init__()
         self.config = config
+        #: ids of the tokens added after loading (special tokens of fusions and templates, a pad
+        #: token): the rows a stage with ``tune.embeddings: new_tokens`` trains.
+        self.new_token_ids: list[int] = []
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The output projection ``(vocab, width)`` if the model has one separate from the input
+        embeddings (untied), else ``None``."""
+        return None
 
     @property
     @abstractmethod
@@ -234,7 +242,8 @@ class LanguageDecoder(nn.Module, ABC):
 
     @abstractmethod
     def add_special_tokens(self, tokens: list[str]) -> dict[str, int]:
-        """Add tokens the tokenizer lacks, resize the embeddings, return token -> id for all of them."""
+        """Add tokens the tokenizer lacks, resize the embeddings, record the new ids in
+        :attr:`new_token_ids`, return token -> id for all of them."""
 
     @abstractmethod
     def decoder_layers(self) -> nn.ModuleList:

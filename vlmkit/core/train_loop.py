@@ -22,7 +22,7 @@ from vlmkit.core.data.collate import Collator
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.recipe.loader import ResolvedRecipe
 from vlmkit.core.recipe.schema import StageSpec
-from vlmkit.core.tuning import apply_tuning
+from vlmkit.core.tuning import apply_tuning, embedding_tables
 
 _NO_DECAY_HINTS = ("norm", "bias", "gate", "embed")
 
@@ -50,13 +50,14 @@ def param_groups(model: VisionLanguageModel, stage: StageSpec) -> list[dict[str,
     """One group per (component, decay?) with the component's learning rate; no weight decay on
     norms, biases, gates, embeddings or any 1-d parameter."""
     groups = []
+    tables = {id(t) for t in embedding_tables(model.decoder)}
     for comp in model.component_names:
         lr = stage.lr_per_component.get(comp, stage.lr)
         decay, no_decay = [], []
         for name, param in getattr(model, comp).named_parameters():
             if not param.requires_grad:
                 continue
-            if param.ndim < 2 or any(h in name.lower() for h in _NO_DECAY_HINTS):
+            if param.ndim < 2 or id(param) in tables or any(h in name.lower() for h in _NO_DECAY_HINTS):
                 no_decay.append(param)
             else:
                 decay.append(param)

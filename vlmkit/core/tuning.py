@@ -2,13 +2,15 @@
 
 ``frozen``: none. ``full``: all. ``lora``: peft LoRA adapters injected into the component (once;
 later stages reuse them), only the adapters train. ``partial``: the named sub-modules, or the last
-k decoder layers.
+k decoder layers. Then ``embeddings`` (unless ``inherit``) sets the decoder's token embedding
+tables: ``frozen``, ``new_tokens`` (only the rows of added tokens) or ``all``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from vlmkit.core.errors import VlmkitError
@@ -26,7 +28,48 @@ def apply_tuning(model: Any, tune: StageTune, stage_label: str) -> dict[str, dic
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         total = sum(p.numel() for p in module.parameters())
         report[name] = {"trainable": trainable, "frozen": total - trainable}
+    if tune.embeddings != "inherit":
+        rows = _tune_embeddings(model.decoder, tune.embeddings, f"{stage_label}.tune.embeddings")
+        report["embeddings"] = rows
     return report
+
+
+def embedding_tables(decoder: Any) -> list[nn.Parameter]:
+    """The decoder's input embedding table and, if untied, its output head."""
+    tables = [decoder.get_input_embeddings().weight]
+    out = decoder.get_output_embeddings()
+    if out is not None:
+        tables.append(out.weight)
+    return tables
+
+
+def _tune_embeddings(decoder: Any, mode: str, where: str) -> dict[str, int]:
+    """Set the embedding tables' training; ``new_tokens`` masks the gradient of every row but the
+    added tokens' (a gradient hook, so AdamW's moments stay zero there and, without weight decay
+    on embeddings, those rows never move). Returns the trainable / frozen counts of the tables."""
+    for handle in getattr(decoder, "_vlmkit_embedding_hooks", []):
+        handle.remove()
+    decoder._vlmkit_embedding_hooks = []
+    tables = embedding_tables(decoder)
+    total = sum(t.numel() for t in tables)
+    if mode == "frozen":
+        for t in tables:
+            t.requires_grad_(False)
+        return {"trainable": 0, "frozen": total}
+    for t in tables:
+        t.requires_grad_(True)
+    if mode == "all":
+        return {"trainable": total, "frozen": 0}
+    ids = sorted(set(decoder.new_token_ids))
+    if not ids:
+        raise VlmkitError(f"{where}: 'new_tokens' but the decoder has no added tokens; use 'all' or 'frozen'")
+    trainable = 0
+    for t in tables:
+        mask = torch.zeros(t.shape[0], 1, dtype=t.dtype, device=t.device)
+        mask[ids] = 1
+        decoder._vlmkit_embedding_hooks.append(t.register_hook(lambda grad, m=mask: grad * m.to(grad.dtype)))
+        trainable += len(ids) * t.shape[1]
+    return {"trainable": trainable, "frozen": total - trainable}
 
 
 def _apply(module: nn.Module, spec: TuneSpec, where: str) -> None:

@@ -126,15 +126,23 @@ class HFCausalLM(LanguageDecoder):
 
     def add_special_tokens(self, tokens: list[str]) -> dict[str, int]:
         tok = self._tokenizer
-        added = 0
+        before = set(tok.get_vocab())
         if tok.pad_token is None:
-            added += tok.add_special_tokens({"pad_token": "<pad>"})
-        new = [t for t in tokens if t not in tok.get_vocab()]
+            tok.add_special_tokens({"pad_token": "<pad>"})
+        new = [t for t in dict.fromkeys(tokens) if t not in tok.get_vocab()]
         if new:
-            added += tok.add_tokens(new, special_tokens=True)
+            tok.add_tokens(new, special_tokens=True)
+        added = [t for t in tok.get_vocab() if t not in before]
+        self.new_token_ids.extend(sorted(int(tok.convert_tokens_to_ids(t)) for t in added))
         if len(tok) > self.model.get_input_embeddings().num_embeddings:
             self.model.resize_token_embeddings(len(tok), mean_resizing=False)
         return {t: int(tok.convert_tokens_to_ids(t)) for t in tokens}
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        out = self.model.get_output_embeddings()
+        if out is None or out.weight is self.model.get_input_embeddings().weight:
+            return None
+        return out
 
     def decoder_layers(self) -> nn.ModuleList:
         if self.config.layers_path:

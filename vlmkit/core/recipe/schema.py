@@ -101,6 +101,12 @@ class StageTune(Strict):
     connector: TuneSpec
     fusion: TuneSpec
     decoder: TuneSpec
+    embeddings: Literal["inherit", "frozen", "new_tokens", "all"] = Field(
+        "inherit",
+        description="the decoder's token embeddings (and untied output head): as the decoder's mode "
+        "(inherit), frozen, only the rows of added tokens such as <image> (new_tokens, OpenFlamingo), "
+        "or all rows (all, Otter)",
+    )
 
 
 class OptimizerSpec(Strict):
