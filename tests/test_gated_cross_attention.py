@@ -1,0 +1,458 @@
+"""The gated_cross_attention fusion (Flamingo): OpenFlamingo parity, exactness at init, media masking,
+cached generation that keeps the image, gradients, and composition from a recipe."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tiny import resolved_toy
+from vlmkit.connectors.gated_cross_attention import (
+    GatedCrossAttentionBlock,
+    GatedCrossAttentionConfig,
+    GatedCrossAttentionFusion,
+)
+from vlmkit.core.compose import build_model
+from vlmkit.core.data.collate import IGNORE, Collator
+from vlmkit.core.data.toy import ToyCaptions, ToyCaptionsConfig
+from vlmkit.core.errors import VlmkitError
+from vlmkit.core.interfaces import Sample
+from vlmkit.decoders.hf_causal_lm import HFCausalLM, HFCausalLMConfig
+
+of_helpers = pytest.importorskip("open_flamingo.src.helpers")
+of_lm = pytest.importorskip("open_flamingo.src.flamingo_lm")
+
+D, D_VIS, Q = 32, 24, 4
+FAMILIES = {
+    "llama": {"model_type": "llama", "hidden_size": D, "intermediate_size": 64, "num_hidden_layers": 4,
+              "num_attention_heads": 2, "num_key_value_heads": 1},
+    "gpt2": {"model_type": "gpt2", "n_embd": D, "n_layer": 4, "n_head": 2},
+    "qwen2": {"model_type": "qwen2", "hidden_size": D, "intermediate_size": 64, "num_hidden_layers": 4,
+              "num_attention_heads": 2, "num_key_value_heads": 1},
+}
+
+
+def _decoder(family: str = "llama", **extra) -> HFCausalLM:
+    torch.manual_seed(0)
+    return HFCausalLM(HFCausalLMConfig(config=FAMILIES[family], tokenizer_type="byte_level", **extra)).eval()
+
+
+def _fusion(decoder: HFCausalLM, **config) -> GatedCrossAttentionFusion:
+    config = {"heads": 2, "dim_head": 16, **config}
+    fusion = GatedCrossAttentionFusion(GatedCrossAttentionConfig(**config))
+    fusion.attach(decoder, D_VIS)
+    return fusion.eval()
+
+
+def _set_gates(fusion: GatedCrossAttentionFusion, value: float) -> None:
+    with torch.no_grad():
+        for block in fusion.blocks:
+            block.attn_gate.fill_(value)
+            block.ff_gate.fill_(value)
+
+
+def _ids(tok, img: int, *pieces: str | None) -> list[int]:
+    """Token ids of ``pieces``; ``None`` stands for one <image> marker."""
+    out: list[int] = []
+    for p in pieces:
+        out += [img] if p is None else tok(p, add_special_tokens=False)["input_ids"]
+    return out
+
+
+def _batch(rows: list[list[int]], pad: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for b, r in enumerate(rows):
+        sl = slice(L - len(r), L) if side == "left" else slice(0, len(r))
+        ids[b, sl] = torch.tensor(r)
+        mask[b, sl] = 1
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------- block parity
+def _of_pair(only_immediate: bool, gates=(0.7, -0.45)):
+    torch.manual_seed(1)
+    of = of_helpers.GatedCrossAttentionBlock(dim=D, dim_visual=D_VIS, dim_head=8, heads=4, ff_mult=2,
+                                             only_attend_immediate_media=only_immediate)
+    with torch.no_grad():
+        of.attn_gate.fill_(gates[0])
+        of.ff_gate.fill_(gates[1])
+    ours = GatedCrossAttentionBlock(D, D_VIS, heads=4, dim_head=8, ff_mult=2,
+                                    only_attend_immediate_media=only_immediate)
+    ours.load_state_dict(of.state_dict())  # same parameter names and shapes
+    return of, ours
+
+
+def _locations() -> torch.Tensor:
+    """(3, 12) media locations: two images from the start; three images after 2 text tokens; one image
+    after 4 text tokens (its sample has two padded image slots)."""
+    loc = torch.zeros(3, 12, dtype=torch.bool)
+    loc[0, [0, 6]] = True
+    loc[1, [2, 5, 9]] = True
+    loc[2, [4]] = True
+    return loc
+
+
+@pytest.mark.parametrize("only_immediate", [True, False])
+def test_block_matches_open_flamingo(only_immediate):
+    of, ours = _of_pair(only_immediate)
+    torch.manual_seed(2)
+    x = torch.randn(3, 12, D)
+    media = torch.randn(3, 3, Q, D_VIS)  # padded slots hold noise: masking, not zeros, must keep them out
+    loc = _locations()
+    media_mask = torch.tensor([[True, True, False], [True, True, True], [True, False, False]])
+    index = loc.long().cumsum(1)
+    with torch.no_grad():
+        want = of(x, media, media_locations=loc)
+        got = ours(x, media, index, media_mask)
+    after = index > 0
+    diff = (got - want).abs()[after].max().item()
+    assert diff <= 1e-5, diff
+    before = ~after  # text before the first image: 2 tokens of sample 1, 4 of sample 2
+    assert int(before.sum()) == 6
+    if only_immediate:
+        assert (got - want).abs()[before].max().item() <= 1e-5
+    else:
+        # OpenFlamingo gives such tokens uniform attention over ALL latents (future images included)
+        # when not only_attend_immediate_media; vlmkit gives them zero attention in both modes.
+        assert not torch.allclose(got[before], want[before], atol=1e-3)
+        no_attn = copy.deepcopy(of)
+        with torch.no_grad():
+            no_attn.attn_gate.zero_()
+            assert (got[before] - no_attn(x, media, media_locations=loc)[before]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("only_immediate", [True, False])
+def test_block_matches_open_flamingo_cached_media(only_immediate):
+    """New tokens after a cached prefix: OpenFlamingo's use_cached_media (every token after the last
+    image) equals our block given each row's image count as the index."""
+    of, ours = _of_pair(only_immediate)
+    torch.manual_seed(3)
+    x = torch.randn(3, 2, D)  # two new tokens per row
+    media = torch.randn(3, 3, Q, D_VIS)
+    loc = _locations()  # the cached prefix
+    media_mask = torch.tensor([[True, True, False], [True, True, True], [True, False, False]])
+    index = loc.sum(1, keepdim=True).expand(3, 2)
+    with torch.no_grad():
+        want = of(x, media, media_locations=loc, use_cached_media=True)
+        got = ours(x, media, index, media_mask)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_block_masking_attends_to_the_right_images():
+    ours = _of_pair(True)[1]
+    all_prev = _of_pair(False)[1]
+    torch.manual_seed(4)
+    x = torch.randn(1, 10, D)
+    index = torch.tensor([[0, 0, 1, 1, 1, 2, 2, 3, 3, 3]])
+    media = torch.randn(1, 3, Q, D_VIS)
+    other = media.clone()
+    other[0, 1] = torch.randn(Q, D_VIS)  # change image 2
+    with torch.no_grad():
+        a, b = ours(x, media, index), ours(x, other, index)
+        changed = (a - b).abs().amax(-1)[0] > 0
+        assert changed.tolist() == (index[0] == 2).tolist()  # exactly the tokens of image 2
+        a, b = all_prev(x, media, index), all_prev(x, other, index)
+        changed = (a - b).abs().amax(-1)[0] > 0
+        assert changed.tolist() == (index[0] >= 2).tolist()  # image 2 and everything after it
+        # a padded image is never attended, even with only_attend_immediate_media False
+        mask = torch.tensor([[True, True, False]])
+        third = media.clone()
+        third[0, 2] = torch.randn(Q, D_VIS)
+        assert torch.equal(all_prev(x, media, index, mask), all_prev(x, third, index, mask))
+        # tokens before any image: zero attention, only the gated feed-forward
+        out = ours(x, media, index)
+        ff_only = x + ours.ff_gate.tanh() * ours.ff(x)
+        assert torch.equal(out[0, :2], ff_only[0, :2])
+
+
+# ------------------------------------------------------------------------- placement, exactness
+def _of_block_layers(num_layers: int, every: int) -> list[int]:
+    """OpenFlamingo's own choice of the layers that get a block (FlamingoLMMixin.init_flamingo)."""
+
+    class Stub(of_lm.FlamingoLMMixin):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Identity() for _ in range(num_layers))
+
+    stub = Stub()
+    stub.set_decoder_layers_attr_name("layers")
+    stub.init_flamingo(media_token_id=0, lang_hidden_size=8, vis_hidden_size=8, cross_attn_every_n_layers=every,
+                       gradient_checkpointing=False)
+    return [i for i, block in enumerate(stub.gated_cross_attn_layers) if block is not None]
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_blocks_sit_before_open_flamingos_layers(every):
+    dec = _decoder("llama")
+    fusion = _fusion(dec, every_n_layers=every)
+    expected = _of_block_layers(4, every)
+    assert fusion.layer_indices == expected and len(fusion.blocks) == len(expected)
+    _set_gates(fusion, 1.0)
+    layers = dec.decoder_layers()
+    seen_in, seen_out = {}, {}
+    handles = []
+    for i, layer in enumerate(layers):  # registered after the fusion's hooks: sees the block's output
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, a, k, i=i: seen_in.__setitem__(i, (a[0] if a else k["hidden_states"]).clone()), with_kwargs=True))
+        handles.append(layer.register_forward_hook(
+            lambda m, a, o, i=i: seen_out.__setitem__(i, (o[0] if isinstance(o, tuple) else o).clone())))
+    img = fusion.image_token_id
+    ids = torch.tensor([_ids(dec.tokenizer, img, None, "a cat")])
+    with torch.no_grad():
+        fusion(dec, ids, torch.ones_like(ids), torch.randn(1, 1, Q, D_VIS), torch.ones(1, 1, dtype=torch.bool))
+    for h in handles:
+        h.remove()
+    embeds = dec.get_input_embeddings()(ids)
+    modified = [i for i in range(4) if not torch.equal(seen_in[i], embeds if i == 0 else seen_out[i - 1])]
+    assert modified == expected
+
+
+def test_too_large_every_n_layers_is_a_build_error():
+    with pytest.raises(VlmkitError, match="model.fusion.every_n_layers"):
+        _fusion(_decoder("llama"), every_n_layers=5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("every", [1, 2])
+def test_zero_gates_leave_the_decoder_exactly_unchanged(family, every):
+    dec = _decoder(family)
+    img = dec.add_special_tokens(["<image>"])["<image>"]
+    bare = copy.deepcopy(dec)
+    names = list(dec.state_dict())
+    fusion = _fusion(dec, every_n_layers=every)
+    assert fusion.image_token_id == img
+    assert list(dec.state_dict()) == names  # hooks, not wrappers: the decoder's state-dict is unchanged
+    assert len(fusion.blocks) == len(_of_block_layers(4, every))
+    tok = dec.tokenizer
+    rows = [_ids(tok, img, "hi ", None, "a cat ", None, "two"), _ids(tok, img, None, "one")]
+    ids, mask = _batch(rows, tok.pad_token_id)
+    media = torch.randn(2, 2, Q, D_VIS)
+    media_mask = torch.tensor([[True, True], [True, False]])
+    with torch.no_grad():
+        want = bare(inputs_embeds=bare.get_input_embeddings()(ids), attention_mask=mask).logits
+        got = fusion(dec, ids, mask, media, media_mask).logits
+    assert torch.equal(got, want)
+    # and the blocks do act once the gates open
+    _set_gates(fusion, 0.5)
+    with torch.no_grad():
+        assert not torch.allclose(fusion(dec, ids, mask, media, media_mask).logits, want, atol=1e-3)
+
+
+def test_layers_path_override_and_wrong_path(tmp_path):
+    dec = _decoder("gpt2", layers_path="transformer.h")
+    fusion = _fusion(dec, every_n_layers=2)
+    assert fusion.layer_indices == [1, 3]
+
+    def wrong(data):
+        data["model"]["decoder"]["layers_path"] = "model.nope"
+        data["model"]["fusion"] = {"name": "gated_cross_attention", "heads": 2, "dim_head": 16}
+        data["model"]["connector"]["width_out"] = 32
+
+    with pytest.raises(VlmkitError, match="model.decoder.layers_path"):
+        build_model(resolved_toy(tmp_path, wrong))
+
+
+def test_decoder_called_outside_the_fusion_is_refused():
+    dec = _decoder("llama")
+    _fusion(dec)
+    with pytest.raises(RuntimeError, match="through the fusion"):
+        dec(inputs_embeds=torch.randn(1, 3, D))
+
+
+def test_markers_must_match_images():
+    dec = _decoder("llama")
+    fusion = _fusion(dec)
+    ids = torch.tensor([_ids(dec.tokenizer, fusion.image_token_id, None, "ab", None)])
+    with pytest.raises(VlmkitError, match="2 <image> tokens but 1 images"):
+        fusion(dec, ids, torch.ones_like(ids), torch.randn(1, 2, Q, D_VIS), torch.tensor([[True, False]]))
+
+
+# ---------------------------------------------------------------------------- media in the model
+def test_model_tokens_see_their_image_and_not_later_ones():
+    dec = _decoder("llama")
+    fusion = _fusion(dec, every_n_layers=1)
+    _set_gates(fusion, 1.0)
+    img = fusion.image_token_id
+    tok = dec.tokenizer
+    pieces = ["intro ", None, "one ", None, "two ", None, "three"]
+    ids = torch.tensor([_ids(tok, img, *pieces)])
+    index = (ids == img).cumsum(1)[0]
+    mask = torch.ones_like(ids)
+    media_mask = torch.ones(1, 3, dtype=torch.bool)
+    torch.manual_seed(5)
+    media = torch.randn(1, 3, Q, D_VIS)
+
+    def logits(m):
+        with torch.no_grad():
+            return fusion(dec, ids, mask, m, media_mask).logits[0]
+
+    base = logits(media)
+    for k in (1, 2, 3):
+        other = media.clone()
+        other[0, k - 1] = torch.randn(Q, D_VIS)
+        changed = (logits(other) - base).abs().amax(-1) > 0
+        assert not changed[index < k].any()  # earlier text: another (later) image changed
+        assert changed[index == k].all()  # the image's own tokens: their immediate image changed
+    everything = torch.randn(1, 3, Q, D_VIS)
+    assert torch.equal(logits(everything)[index == 0], base[index == 0])  # text before the first image
+
+
+# ------------------------------------------------------------------------------------ generation
+@pytest.fixture(scope="module")
+def gen_setup():
+    dec = _decoder("llama")
+    fusion = _fusion(dec, every_n_layers=2)
+    _set_gates(fusion, 1.0)
+    tok, img = dec.tokenizer, fusion.image_token_id
+    ids, mask = _batch([_ids(tok, img, None, "a cat and ", None, "a dog:"), _ids(tok, img, None, "red:")],
+                       tok.pad_token_id, side="left")
+    torch.manual_seed(6)
+    media = torch.randn(2, 2, Q, D_VIS) * 3
+    media_mask = torch.tensor([[True, True], [True, False]])
+    return dec, fusion, ids, mask, media, media_mask
+
+
+def _full_forward_logits(fusion, dec, ids, mask, media, media_mask):
+    """One uncached forward over whole sequences, with generate's left-padding position ids."""
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return fusion(dec, ids, mask, media, media_mask, position_ids=position_ids).logits
+
+
+def test_cached_generation_keeps_the_last_image(gen_setup):
+    dec, fusion, ids, mask, media, media_mask = gen_setup
+    new = 8
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, suppress_tokens=[fusion.image_token_id])
+    steps: list[torch.Tensor] = []
+    handle = dec.model.register_forward_hook(lambda m, a, k, out: steps.append(out.logits[:, -1].clone()),
+                                             with_kwargs=True)
+    try:
+        cached = fusion.generate(dec, ids, mask, media, media_mask, use_cache=True, **kw)
+    finally:
+        handle.remove()
+    uncached = fusion.generate(dec, ids, mask, media, media_mask, use_cache=False, **kw)
+    assert cached.shape == (2, new)
+    assert torch.equal(cached, uncached)
+    # every cached step's logits = those of one uncached forward over the whole sequence, where each
+    # generated token's image index is its row's image count: new tokens attend to the last image
+    full = torch.cat([ids, cached], 1)
+    full_mask = torch.cat([mask, torch.ones_like(cached)], 1)
+    ref = _full_forward_logits(fusion, dec, full, full_mask, media, media_mask)
+    L = ids.shape[1]
+    assert len(steps) == new
+    for s, step in enumerate(steps):
+        assert (step - ref[:, L - 1 + s]).abs().max().item() <= 1e-4, s
+    # ... and the image matters there: another last image changes the generated steps' logits
+    other = media.clone()
+    other[0, 1] = torch.randn(Q, D_VIS) * 3
+    other[1, 0] = torch.randn(Q, D_VIS) * 3
+    moved = _full_forward_logits(fusion, dec, full, full_mask, other, media_mask)
+    assert ((moved[:, L:] - ref[:, L:]).abs().amax(-1) > 1e-3).all()
+
+
+def test_beam_search_returns_new_tokens(gen_setup):
+    dec, fusion, ids, mask, media, media_mask = gen_setup
+    kw = dict(max_new_tokens=5, min_new_tokens=5, num_beams=2, do_sample=False, suppress_tokens=[fusion.image_token_id])
+    cached = fusion.generate(dec, ids, mask, media, media_mask, use_cache=True, **kw)
+    uncached = fusion.generate(dec, ids, mask, media, media_mask, use_cache=False, **kw)
+    assert cached.shape == (2, 5)
+    assert torch.equal(cached, uncached)
+    # each row's beams read that row's images: the batch gives what each prompt gives alone
+    for row in range(2):
+        keep, n_img = mask[row].bool(), int(media_mask[row].sum())
+        alone = fusion.generate(dec, ids[row : row + 1, keep], mask[row : row + 1, keep], media[row : row + 1, :n_img],
+                                media_mask[row : row + 1, :n_img], **kw)
+        assert torch.equal(alone[0], cached[row]), row
+    two = fusion.generate(dec, ids, mask, media, media_mask, num_return_sequences=2, **kw)
+    assert two.shape == (4, 5)
+
+
+# ------------------------------------------------------------------------------------- gradients
+def test_gradients_reach_blocks_and_not_a_frozen_decoder():
+    dec = _decoder("llama")
+    fusion = _fusion(dec, every_n_layers=2).train()
+    dec.requires_grad_(False)
+    img, tok = fusion.image_token_id, dec.tokenizer
+    ids = torch.tensor([_ids(tok, img, None, "a cat ", None, "a dog")])
+    labels = ids.clone()
+    media = torch.randn(1, 2, Q, D_VIS, requires_grad=True)
+    media_mask = torch.ones(1, 2, dtype=torch.bool)
+
+    # at init only the gates get gradient (everything inside is multiplied by tanh(0) = 0), and the
+    # media receive none: the Flamingo start
+    fusion(dec, ids, torch.ones_like(ids), media, media_mask, labels=labels).loss.backward()
+    for name, p in fusion.named_parameters():
+        assert p.grad is not None, name
+        assert (p.grad.abs().sum() > 0) == name.endswith("_gate"), name
+    assert media.grad is None or not media.grad.any()
+    assert all(p.grad is None for p in dec.parameters())
+
+    # with open gates every block parameter and the media get gradient
+    fusion.zero_grad()
+    _set_gates(fusion, 0.5)
+    media.grad = None
+    fusion(dec, ids, torch.ones_like(ids), media, media_mask, labels=labels).loss.backward()
+    for name, p in fusion.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert media.grad.abs().sum() > 0
+    assert all(p.grad is None for p in dec.parameters())
+
+
+def test_image_positions_carry_no_loss():
+    dec = _decoder("llama")
+    fusion = _fusion(dec)
+    img, tok = fusion.image_token_id, dec.tokenizer
+    ids = torch.tensor([_ids(tok, img, None, "ab", None, "cd")])
+    media, media_mask = torch.randn(1, 2, Q, D_VIS), torch.ones(1, 2, dtype=torch.bool)
+    with torch.no_grad():
+        out = fusion(dec, ids, torch.ones_like(ids), media, media_mask, labels=ids.clone())
+        logits = out.logits[0, :-1]
+        target = ids[0, 1:].masked_fill(ids[0, 1:] == img, IGNORE)
+        want = nn.functional.cross_entropy(logits, target, ignore_index=IGNORE)
+    assert int((target == IGNORE).sum()) == 1  # the second <image> (the first is never a target)
+    torch.testing.assert_close(out.loss, want)
+
+
+# ----------------------------------------------------------------------------------- composition
+def test_recipe_builds_trains_and_generates(tmp_path):
+    def mutate(data):
+        data["model"]["fusion"] = {"name": "gated_cross_attention", "every_n_layers": 1, "heads": 2, "dim_head": 16}
+
+    model = build_model(resolved_toy(tmp_path, mutate))
+    enc_width = model.encoder.width
+    assert model.connector.width_out == enc_width  # the blocks read the encoder width
+    assert model.placeholder_tokens() == 1
+    n_layers = len(model.decoder.decoder_layers())
+    assert len(model.fusion.blocks) == n_layers
+    assert all(not n.startswith("decoder") for n, _ in model.fusion.named_parameters())
+
+    data = ToyCaptions(ToyCaptionsConfig(num_samples=3, image_size=32))
+    a, b = data[0], data[1]
+    two = Sample("two", images=[a.images[0], b.images[0]],
+                 segments=[("<image>first ", False), ("<image>second", False), (" both shapes", True)])
+    col = Collator(model.decoder.tokenizer, model.encoder.preprocess, "<image>", model.placeholder_tokens())
+    batch = col([two, data[2]])
+    assert int((batch["input_ids"] == model.fusion.image_token_id).sum()) == 3
+    tensors = {k: v for k, v in batch.items() if k != "ids"}
+    model.train()
+    model.decoder.requires_grad_(False)
+    _set_gates(model.fusion, 0.5)
+    out = model(**tensors)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.fusion.parameters())
+    assert all(p.grad is not None for p in model.connector.parameters())
+
+    model.eval()
+    for s in (two, data[2]):
+        s.segments = [seg for seg in s.segments if not seg[1]]
+    left = Collator(model.decoder.tokenizer, model.encoder.preprocess, "<image>", 1, padding_side="left")
+    prompt = left([two, data[2]])
+    new = model.generate(prompt["input_ids"], prompt["attention_mask"], prompt["vision_x"], prompt["media_mask"],
+                         max_new_tokens=4, do_sample=False)
+    assert new.shape[0] == 2 and 1 <= new.shape[1] <= 4

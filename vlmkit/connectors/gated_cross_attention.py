@@ -1,0 +1,430 @@
+"""The ``gated_cross_attention`` fusion (Flamingo, OpenFlamingo, Otter).
+
+Each image stays ONE ``<image>`` marker token in the text. The connector's latents ``(B, T_img, Q, d_vis)``
+enter the decoder through gated cross-attention blocks placed before every ``every_n_layers``-th
+decoder layer, following OpenFlamingo's convention: layer ``i`` gets a block when
+``(i + 1) % every_n_layers == 0`` (with 4 layers and ``every_n_layers: 2``: before layers 1 and 3).
+
+One block, at decoder width ``D`` (text) and media width ``d_vis``::
+
+    a = Out(Attention(q = Wq LayerNorm(x), k, v = Wkv media))     # heads x dim_head, no biases
+    x = x + tanh(attn_gate) * a
+    x = x + tanh(ff_gate) * Linear(mult*D -> D)(GELU(Linear(D -> mult*D)(LayerNorm(x))))
+
+Both gates start at 0, so at initialisation the decoder computes exactly what it computed before.
+
+Media masking: a text token's image index is the number of ``<image>`` tokens up to and including
+it (1 for the first image). With ``only_attend_immediate_media`` a token attends only to the latents
+of that image, otherwise to those of every image up to it. Tokens before the first image (index 0)
+get a zero attention output (the feed-forward half still applies to them, as in OpenFlamingo), and
+padded images (``media_mask`` False) are never attended.
+
+The blocks belong to the fusion (``fusion.blocks``; a stage's ``tune.fusion`` trains exactly them).
+They are injected with forward pre-hooks on the decoder layers, so the decoder's modules and
+state-dict names stay unchanged. The hooks read the media of the current call from state the
+fusion sets in :meth:`~GatedCrossAttentionFusion.forward` and
+:meth:`~GatedCrossAttentionFusion.generate` and clears afterwards; calling the decoder directly,
+outside the fusion, is an error. Under gradient checkpointing the decoder layers are recomputed
+but the blocks (run by the hooks, outside the checkpointed ``forward``) are not.
+
+Cached generation: transformers' ``generate`` runs the prompt, then one new token per step through
+the KV cache. A pre-hook on the decoder's transformers model sees each step's ``input_ids`` chunk
+and the cache length; the chunk's image indices continue the count of the tokens already in the
+cache, so generated tokens keep attending to the last image of their row (the bug OpenFlamingo 2.0
+fixed and Otter kept: the new tokens lost the image).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from pydantic import PositiveInt
+from torch import nn
+from torch.nn import functional as F
+
+from vlmkit.core.errors import VlmkitError
+from vlmkit.core.interfaces import Fusion, FusionConfig, LanguageDecoder
+
+__all__ = [
+    "GatedCrossAttentionConfig",
+    "GatedCrossAttentionFusion",
+    "GatedCrossAttentionBlock",
+    "MaskedCrossAttention",
+    "IMAGE_TOKEN",
+]
+
+IMAGE_TOKEN = "<image>"
+
+
+class GatedCrossAttentionConfig(FusionConfig):
+    """Recipe section ``model.fusion`` for ``name: gated_cross_attention``. Defaults are OpenFlamingo's."""
+
+    every_n_layers: PositiveInt = 1
+    """A block before every n-th decoder layer (OpenFlamingo's ``cross_attn_every_n_layers``: 1 for
+    OF-3B, 2 for OF-4B, 4 for OF-9B and Otter)."""
+    heads: PositiveInt = 8
+    """Attention heads of each block's cross-attention."""
+    dim_head: PositiveInt = 64
+    """Width of each head; the cross-attention works at ``heads * dim_head`` inside."""
+    ff_mult: PositiveInt = 4
+    """Hidden width of each block's feed-forward, as a multiple of the decoder width."""
+    only_attend_immediate_media: bool = True
+    """True: a text token attends only to the latents of the most recent image before it; False: to
+    the latents of every image before it."""
+
+
+# ------------------------------------------------------------------------------------------ blocks
+class MaskedCrossAttention(nn.Module):
+    """Text attends to media latents under the media mask:
+    ``x (B, L, D)``, ``media (B, T_img, Q, d_vis)`` -> ``(B, L, D)``.
+
+    Sub-module names follow OpenFlamingo's ``MaskedCrossAttention`` (``norm, to_q, to_kv, to_out``),
+    so its checkpoints map one to one."""
+
+    def __init__(self, dim: int, dim_visual: int, heads: int, dim_head: int, only_attend_immediate_media: bool):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.only_attend_immediate_media = only_attend_immediate_media
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim_visual, 2 * inner, bias=False)  # keys then values
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, S, heads * dim_head)`` -> ``(B, heads, S, dim_head)``."""
+        b, s, _ = x.shape
+        return x.reshape(b, s, self.heads, -1).transpose(1, 2)
+
+    def media_kv(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``media (B, T_img, Q, d_vis)`` -> keys and values ``(B, heads, T_img * Q, dim_head)`` each."""
+        k, v = self.to_kv(media.flatten(1, 2)).chunk(2, dim=-1)
+        return self._split(k), self._split(v)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        media: torch.Tensor,
+        image_index: torch.Tensor,
+        media_mask: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``x (B, L, D)`` text, ``media (B, T_img, Q, d_vis)``, ``image_index (B, L)`` long (1-based
+        index of each token's image, 0 before the first), ``media_mask (B, T_img)`` bool (True = real
+        image; default all real), ``kv``: :meth:`media_kv` of ``media`` if already computed.
+        Returns the attention output ``(B, L, D)``, exactly 0 where a token may attend no image."""
+        T, Q = media.shape[1], media.shape[2]
+        q = self._split(self.to_q(self.norm(x)))  # (B, h, L, dh)
+        k, v = kv if kv is not None else self.media_kv(media)  # (B, h, T*Q, dh)
+        media_time = torch.arange(1, T + 1, device=x.device)  # (T,)
+        index = image_index.unsqueeze(-1)  # (B, L, 1)
+        allowed = index == media_time if self.only_attend_immediate_media else index >= media_time  # (B, L, T)
+        if media_mask is not None:
+            allowed = allowed & media_mask.unsqueeze(1)
+        sees_media = allowed.any(-1)  # (B, L)
+        # a row that may attend nothing gets any valid mask (no NaN) and its output zeroed below
+        mask = (allowed | ~sees_media.unsqueeze(-1)).repeat_interleave(Q, dim=-1)  # (B, L, T*Q)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))  # (B, h, L, dh), scale dh^-0.5
+        out = out * sees_media[:, None, :, None].to(out.dtype)
+        return self.to_out(out.transpose(1, 2).flatten(2))  # (B, L, D)
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """One Flamingo block: gated masked cross-attention, then a gated feed-forward.
+    ``x (B, L, D)``, ``media (B, T_img, Q, d_vis)`` -> ``(B, L, D)``.
+
+    Parameter names follow OpenFlamingo's ``GatedCrossAttentionBlock`` (``attn.*``, ``attn_gate``,
+    ``ff.0-3``, ``ff_gate``; gates of shape ``(1,)``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        dim_visual: int,
+        heads: int = 8,
+        dim_head: int = 64,
+        ff_mult: int = 4,
+        only_attend_immediate_media: bool = True,
+    ):
+        super().__init__()
+        self.attn = MaskedCrossAttention(dim, dim_visual, heads, dim_head, only_attend_immediate_media)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = nn.Sequential(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, ff_mult * dim, bias=False),
+            nn.GELU(),
+            nn.Linear(ff_mult * dim, dim, bias=False),
+        )
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        media: torch.Tensor,
+        image_index: torch.Tensor,
+        media_mask: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Arguments as :meth:`MaskedCrossAttention.forward`; returns the new text states ``(B, L, D)``."""
+        x = x + self.attn_gate.tanh() * self.attn(x, media, image_index, media_mask, kv)
+        return x + self.ff_gate.tanh() * self.ff(x)
+
+
+# ------------------------------------------------------------------------------------------ fusion
+@dataclass
+class _Media:
+    """What the layer hooks need during one fusion call.
+
+    ``media (B, T_img, Q, d_vis)``, ``media_mask (B, T_img)``: the batch's images (in generate,
+    repeated per row for beams once the expanded batch size is seen). ``image_index (B, l)``: the
+    image index of each token of the chunk the decoder is running now. Generation only:
+    ``prompt_count (B, L)`` = ``<image>`` tokens up to each prompt position, ``n_images (B,)`` =
+    real images per row, ``kv`` = block number -> that block's media keys and values.
+    """
+
+    media: torch.Tensor
+    media_mask: torch.Tensor
+    image_index: torch.Tensor | None = None
+    prompt_count: torch.Tensor | None = None
+    n_images: torch.Tensor | None = None
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    expanded: bool = False
+
+    def expand_to(self, batch: int) -> None:
+        """Repeat every per-row tensor for transformers' batch expansion (``num_beams``,
+        ``num_return_sequences``: each row repeated consecutively)."""
+        rows = self.media.shape[0]
+        if self.expanded:
+            if batch != rows:
+                raise RuntimeError(f"generate changed its batch size from {rows} to {batch} rows between steps")
+            return
+        if batch % rows:
+            raise RuntimeError(f"generate runs {batch} rows for a batch of {rows} prompts (not a multiple)")
+        r = batch // rows
+        if r > 1:
+            self.media = self.media.repeat_interleave(r, dim=0)
+            self.media_mask = self.media_mask.repeat_interleave(r, dim=0)
+            self.prompt_count = self.prompt_count.repeat_interleave(r, dim=0)
+            self.n_images = self.n_images.repeat_interleave(r, dim=0)
+        self.expanded = True
+
+
+class GatedCrossAttentionFusion(Fusion):
+    """Flamingo gated cross-attention blocks before every n-th decoder layer, tanh gates at 0."""
+
+    Config = GatedCrossAttentionConfig
+
+    def __init__(self, config: GatedCrossAttentionConfig):
+        super().__init__(config)
+        #: one block per selected decoder layer, in layer order
+        self.blocks = nn.ModuleList()
+        #: the decoder-layer index each block runs before
+        self.layer_indices: list[int] = []
+        self.image_token_id: int | None = None
+        self._media_width: int | None = None
+        self._state: _Media | None = None
+
+    # ------------------------------------------------------------------ wiring
+    def media_width(self, decoder_width: int, encoder_width: int) -> int:
+        """The blocks' keys and values read the encoder width (OpenFlamingo's perceiver keeps it)."""
+        return encoder_width
+
+    def placeholder_tokens(self, tokens_per_image: int) -> int:
+        """One ``<image>`` token per image, whatever the connector's number of latents."""
+        return 1
+
+    def attach(self, decoder: LanguageDecoder, media_width: int) -> None:
+        """Add ``<image>``, create one block per selected decoder layer and hook it in before that layer."""
+        if self.image_token_id is not None:
+            raise VlmkitError("fusion 'gated_cross_attention' is already attached to a decoder; build a new one")
+        layers = decoder.decoder_layers()  # VlmkitError naming model.decoder.layers_path if not found
+        n = self.config.every_n_layers
+        indices = [i for i in range(len(layers)) if (i + 1) % n == 0]
+        if not indices:
+            raise VlmkitError(
+                f"model.fusion.every_n_layers: {n} is more than the decoder's {len(layers)} layers, so no "
+                f"cross-attention block would be inserted; use at most {len(layers)}"
+            )
+        if not isinstance(getattr(decoder, "model", None), nn.Module):
+            raise VlmkitError(
+                f"fusion 'gated_cross_attention' needs a decoder whose 'model' attribute is the transformers model its "
+                f"generate() runs (to follow each generation step); decoder {type(decoder).__name__} has none"
+            )
+        self.image_token_id = decoder.add_special_tokens([IMAGE_TOKEN])[IMAGE_TOKEN]
+        self._media_width = int(media_width)
+        cfg = self.config
+        for block_no, i in enumerate(indices):
+            self.blocks.append(
+                GatedCrossAttentionBlock(
+                    decoder.width, media_width, cfg.heads, cfg.dim_head, cfg.ff_mult, cfg.only_attend_immediate_media
+                )
+            )
+            layers[i].register_forward_pre_hook(partial(self._layer_hook, block_no), with_kwargs=True)
+        self.layer_indices = indices
+
+    def _check_attached(self) -> None:
+        if self.image_token_id is None:
+            raise RuntimeError("fusion 'gated_cross_attention' is not attached to a decoder (build_model attaches it)")
+
+    def _check_media(self, is_image: torch.Tensor, media: torch.Tensor, media_mask: torch.Tensor) -> torch.Tensor:
+        """Check the images against the ``<image>`` markers; returns the real images per row ``(B,)``."""
+        B = is_image.shape[0]
+        if media.dim() != 4 or media.shape[:2] != media_mask.shape or media.shape[0] != B:
+            raise VlmkitError(
+                f"gated_cross_attention: media must be (B={B}, T_img, Q, d) with media_mask (B, T_img); got media "
+                f"{tuple(media.shape)} and media_mask {tuple(media_mask.shape)}"
+            )
+        if media.shape[-1] != self._media_width:
+            raise VlmkitError(
+                f"gated_cross_attention: the media have width {media.shape[-1]} but the blocks were built for "
+                f"width {self._media_width} (model.connector.width_out)"
+            )
+        markers = is_image.sum(1)  # (B,)
+        n_images = media_mask.sum(1)  # (B,)
+        if not torch.equal(markers, n_images):
+            b = int((markers != n_images).nonzero()[0])
+            raise VlmkitError(
+                f"gated_cross_attention: sample {b} of the batch has {int(markers[b])} {IMAGE_TOKEN} tokens but "
+                f"{int(n_images[b])} images; each image is one {IMAGE_TOKEN} marker token"
+            )
+        slots = torch.arange(media_mask.shape[1], device=media_mask.device)
+        if not torch.equal(media_mask, slots < n_images.unsqueeze(1)):
+            raise VlmkitError(
+                "gated_cross_attention: media_mask must list each sample's real images first (True, ..., False)"
+            )
+        return n_images
+
+    def _layer_hook(self, block_no: int, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Forward pre-hook of a decoder layer: run block ``block_no`` on its hidden states."""
+        state = self._state
+        if state is None:
+            raise RuntimeError(
+                "this decoder has gated cross-attention blocks (fusion 'gated_cross_attention'); run it through the "
+                "fusion's forward or generate, which supply the images"
+            )
+        if args:
+            hidden = args[0]
+        elif "hidden_states" in kwargs:
+            hidden = kwargs["hidden_states"]
+        else:
+            raise RuntimeError(
+                f"gated_cross_attention: decoder layer {type(layer).__name__} got its hidden states neither as its "
+                "first positional argument nor as 'hidden_states'"
+            )
+        index = state.image_index
+        if index is None or index.shape != hidden.shape[:2]:
+            raise RuntimeError(
+                f"gated_cross_attention: the decoder layer runs {tuple(hidden.shape[:2])} tokens but the image "
+                f"indices are for {None if index is None else tuple(index.shape)}"
+            )
+        block = self.blocks[block_no]
+        dtype = block.attn_gate.dtype
+        media = state.media.to(dtype)
+        kv = None
+        if state.kv is not None:
+            if block_no not in state.kv:
+                state.kv[block_no] = block.attn.media_kv(media)
+            kv = state.kv[block_no]
+        out = block(hidden.to(dtype), media, index, state.media_mask, kv).to(hidden.dtype)
+        if args:
+            return (out, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": out}
+
+    # ------------------------------------------------------------------ training forward
+    def forward(
+        self,
+        decoder: LanguageDecoder,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        media: torch.Tensor,
+        media_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        **decoder_kwargs: Any,
+    ) -> Any:
+        """``input_ids, attention_mask, labels (B, L)``, ``media (B, T_img, Q, d_vis)``, ``media_mask
+        (B, T_img)`` -> the decoder's output (``logits (B, L, vocab)``, ``loss`` with labels). The
+        ``<image>`` positions carry no loss."""
+        self._check_attached()
+        if decoder_kwargs.get("past_key_values") is not None:
+            raise VlmkitError(
+                "gated_cross_attention: forward runs whole sequences and cannot continue a past_key_values cache "
+                "(the images of the cached tokens are unknown); use generate for cached decoding"
+            )
+        if self._state is not None:
+            raise RuntimeError("gated_cross_attention: forward called while another fusion call is running")
+        is_image = input_ids == self.image_token_id  # (B, L)
+        self._check_media(is_image, media, media_mask)
+        if labels is not None:
+            labels = labels.masked_fill(is_image, -100)
+        embeds = decoder.get_input_embeddings()(input_ids)  # (B, L, D)
+        self._state = _Media(media=media, media_mask=media_mask, image_index=is_image.cumsum(1))
+        try:
+            return decoder(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **decoder_kwargs)
+        finally:
+            self._state = None
+
+    # ------------------------------------------------------------------ generation
+    def _step_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the transformers model during :meth:`generate`: set the image indices
+        of this step's ``input_ids`` chunk ``(B', l)``.
+
+        The chunk follows the ``c`` tokens already in the KV cache (``c = 0`` without a cache: the
+        chunk is the whole sequence). Its indices continue the prompt's ``<image>`` count at ``c``;
+        they are capped at the row's number of real images, so a generated ``<image>`` token (which
+        has no image behind it) leaves the new tokens on the row's last image. Every generated token
+        thus attends to the last image of its row, in every beam and whatever the cache order."""
+        state = self._state
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise RuntimeError("gated_cross_attention: generate ran a step without input_ids")
+        state.expand_to(input_ids.shape[0])
+        cache = kwargs.get("past_key_values")
+        cached = int(cache.get_seq_length()) if cache is not None else 0
+        prompt_len = state.prompt_count.shape[1]
+        if cached == 0:
+            before = torch.zeros_like(state.n_images)
+        else:
+            before = state.prompt_count[:, min(cached, prompt_len) - 1]  # (B',) images in the cached tokens
+        index = before.unsqueeze(1) + (input_ids == self.image_token_id).cumsum(1)  # (B', l)
+        state.image_index = torch.minimum(index, state.n_images.unsqueeze(1))
+
+    def generate(
+        self,
+        decoder: LanguageDecoder,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        media: torch.Tensor,
+        media_mask: torch.Tensor,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Continue left-padded prompts ``input_ids (B, L)`` with their media ``(B, T_img, Q, d_vis)``
+        through the decoder's ``generate`` (token ids in, KV cache on by default, beam search and
+        sampling supported). Returns only the new tokens ``(B * num_return_sequences, new)``."""
+        self._check_attached()
+        for key in ("inputs_embeds", "past_key_values"):
+            if generate_kwargs.get(key) is not None:
+                raise VlmkitError(f"gated_cross_attention: generate takes token ids only; do not pass {key}")
+        if generate_kwargs.get("return_dict_in_generate"):
+            raise VlmkitError(
+                "gated_cross_attention: generate returns the new tokens; return_dict_in_generate is not supported"
+            )
+        if self._state is not None:
+            raise RuntimeError("gated_cross_attention: generate called while another fusion call is running")
+        is_image = input_ids == self.image_token_id  # (B, L)
+        n_images = self._check_media(is_image, media, media_mask)
+        tok = decoder.tokenizer
+        generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
+        generate_kwargs.setdefault("eos_token_id", tok.eos_token_id)
+        model: nn.Module = decoder.model  # type: ignore[attr-defined]  # checked in attach
+        handle = model.register_forward_pre_hook(self._step_hook, with_kwargs=True)
+        self._state = _Media(
+            media=media, media_mask=media_mask, prompt_count=is_image.cumsum(1), n_images=n_images, kv={}
+        )
+        try:
+            out = decoder.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        finally:
+            handle.remove()
+            self._state = None
+        return out[:, input_ids.shape[1] :]
