@@ -247,11 +247,6 @@ class GatedCrossAttentionFusion(Fusion):
                 f"model.fusion.every_n_layers: {n} is more than the decoder's {len(layers)} layers, so no "
                 f"cross-attention block would be inserted; use at most {len(layers)}"
             )
-        if not isinstance(getattr(decoder, "model", None), nn.Module):
-            raise VlmkitError(
-                f"fusion 'gated_cross_attention' needs a decoder whose 'model' attribute is the transformers model its "
-                f"generate() runs (to follow each generation step); decoder {type(decoder).__name__} has none"
-            )
         self.image_token_id = decoder.add_special_tokens([IMAGE_TOKEN])[IMAGE_TOKEN]
         self._media_width = int(media_width)
         cfg = self.config
@@ -417,7 +412,7 @@ class GatedCrossAttentionFusion(Fusion):
         tok = decoder.tokenizer
         generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
         generate_kwargs.setdefault("eos_token_id", tok.eos_token_id)
-        model: nn.Module = decoder.model  # type: ignore[attr-defined]  # checked in attach
+        model = decoder.generation_module()
         handle = model.register_forward_pre_hook(self._step_hook, with_kwargs=True)
         self._state = _Media(
             media=media, media_mask=media_mask, prompt_count=is_image.cumsum(1), n_images=n_images, kv={}

@@ -269,6 +269,11 @@ class LanguageDecoder(nn.Module, ABC):
         """``inputs_embeds (B, L, width)`` -> a causal-LM output with ``logits (B, L, vocab)`` and,
         with ``labels (B, L)`` (-100 = ignored), the shifted cross-entropy ``loss``."""
 
+    def generation_module(self) -> nn.Module:
+        """The module that ``generate`` calls once per step with that step's ``input_ids`` chunk
+        (fusions hook it to follow generation); by default the decoder itself."""
+        return self
+
     @abstractmethod
     def generate(self, **generate_kwargs: Any) -> torch.Tensor:
         """transformers-style ``generate`` (``input_ids`` or ``inputs_embeds``, ``attention_mask``,

@@ -187,6 +187,9 @@ class HFCausalLM(LanguageDecoder):
     ) -> Any:
         return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
+    def generation_module(self) -> nn.Module:
+        return self.model
+
     def generate(self, **generate_kwargs: Any) -> torch.Tensor:
         generate_kwargs.setdefault("pad_token_id", self._tokenizer.pad_token_id)
         return self.model.generate(**generate_kwargs)
