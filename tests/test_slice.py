@@ -70,3 +70,19 @@ def test_same_seed_same_losses(tmp_path):
     b = run(resolved_toy(tmp_path), tmp_path / "b", progress=False)
     assert a.stages[0].losses == b.stages[0].losses
     assert a.stages[1].losses == b.stages[1].losses
+
+
+def test_frozen_components_run_in_eval_mode(tmp_path):
+    """A frozen encoder with BatchNorm keeps its running statistics while the rest trains."""
+
+    def mutate(data):
+        data["model"]["encoder"] = {"name": "timm", "model_name": "efficientnet_lite0", "image_size": 32}
+
+    resolved = resolved_toy(tmp_path, mutate)
+    model = build_model(resolved)
+    stats = {k: v.clone() for k, v in model.encoder.state_dict().items() if "running" in k}
+    assert stats
+    result = run(resolved, tmp_path / "run", progress=False)
+    for key, value in stats.items():
+        torch.testing.assert_close(result.model.encoder.state_dict()[key], value, rtol=0, atol=0)
+    assert not result.model.encoder.training and result.model.connector.training

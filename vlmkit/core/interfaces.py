@@ -40,7 +40,7 @@ __all__ = [
 class ComponentConfig(BaseModel):
     """Base of every component config: unknown keys are errors, never ignored."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_attribute_docstrings=True)
 
 
 class Preprocess(BaseModel):

@@ -128,6 +128,9 @@ def _run_stage(
     scheduler = get_scheduler(stage.schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(stage.precision)
     model.train()
+    for comp, counts in report.items():  # frozen parts keep their BatchNorm statistics, no dropout
+        if comp in model.component_names and counts["trainable"] == 0:
+            getattr(model, comp).eval()
     result = StageResult(stage.name, 0)
     bar = tqdm(total=total, desc=f"stage {stage.name}", disable=not progress, dynamic_ncols=True)
     batches = _cycle(loader)
