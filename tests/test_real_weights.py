@@ -20,8 +20,13 @@ def smollm2_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def test_smollm2_gguf_loads_and_answers():
-    dec = HFCausalLM(HFCausalLMConfig(gguf_file=str(smollm2_gguf())))
+@pytest.fixture(scope="module")
+def smollm2() -> HFCausalLM:
+    return HFCausalLM(HFCausalLMConfig(gguf_file=str(smollm2_gguf())))  # about 20 s
+
+
+def test_smollm2_gguf_loads_and_answers(smollm2):
+    dec = smollm2
     assert type(dec.model).__name__ == "LlamaForCausalLM"
     assert dec.width == 576 and len(dec.decoder_layers()) == 30
     assert 134_000_000 < sum(p.numel() for p in dec.parameters()) < 135_000_000
@@ -34,4 +39,13 @@ def test_smollm2_gguf_loads_and_answers():
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         out = dec.model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1] :])
+
+
+def test_smollm2_completes_the_capital_of_france(smollm2):
+    dec = smollm2
+    tok = dec.tokenizer
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = dec.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1] :])
