@@ -84,6 +84,7 @@ from pydantic import Field, PositiveFloat, PositiveInt
 from torch import nn
 from torch.nn import functional as F
 
+from vlmkit.connectors.init import init_bert_style
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import Connector, ConnectorConfig
 
@@ -191,13 +192,7 @@ class VisualAbstractor(Connector):
 
     def _init_weights(self) -> None:
         std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=std)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_bert_style(self, std)
         nn.init.normal_(self.queries, std=std)
         nn.init.trunc_normal_(self.end_of_image, std=std)
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, PositiveInt, ValidationError
 from torch import nn
 
+from vlmkit.connectors.init import init_bert_style
 from vlmkit.core.errors import VlmkitError, suggest
 from vlmkit.core.interfaces import Connector, ConnectorConfig
 
@@ -257,13 +258,7 @@ class QFormer(Connector):
     def _init_weights(self, std: float) -> None:
         """BERT's initialisation: normal(0, std) queries and Linear weights, zero biases, unit LayerNorms."""
         nn.init.normal_(self.query_tokens, std=std)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=std)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_bert_style(self, std)
 
     @property
     def cross_attention_layers(self) -> tuple[int, ...]:

@@ -37,6 +37,7 @@ from torch import nn
 
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import EncoderConfig, Preprocess, VisionEncoder
+from vlmkit.encoders.probe import blank_image, eval_mode
 
 _FIELD = "model.encoder"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -343,14 +344,8 @@ class HFVisionEncoder(VisionEncoder):
 
     def _probe(self, size: int) -> torch.Tensor:
         """One blank image in eval mode (every module's mode restored)."""
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
-        try:
-            with torch.no_grad():
-                return self._hidden(torch.zeros(1, 3, size, size))
-        finally:
-            for module, mode in modes:
-                module.training = mode
+        with eval_mode(self):
+            return self._hidden(blank_image(self, size))
 
     @property
     def width(self) -> int:

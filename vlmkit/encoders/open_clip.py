@@ -41,6 +41,7 @@ from torch import nn
 from vlmkit.core.errors import VlmkitError, suggest
 from vlmkit.core.interfaces import EncoderConfig, Preprocess, VisionEncoder
 from vlmkit.core.weights import load_state_dict_file
+from vlmkit.encoders.probe import blank_image, eval_mode
 
 _FIELD = "model.encoder"
 
@@ -284,15 +285,8 @@ class OpenClipEncoder(VisionEncoder):
 
     def _probe(self, size: int) -> None:
         """One blank image through the tower in eval mode (modes restored) to measure tokens and width."""
-        param = next(self.parameters())
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
-        try:
-            with torch.no_grad():
-                out = self.forward(torch.zeros(1, 3, size, size, dtype=param.dtype, device=param.device))
-        finally:
-            for module, mode in modes:
-                module.training = mode
+        with eval_mode(self):
+            out = self.forward(blank_image(self, size))
         self._token_counts[size] = int(out.shape[1])
         self._probed_width = int(out.shape[2])
 

@@ -25,6 +25,7 @@ from pydantic import PositiveInt, ValidationInfo, field_validator
 from vlmkit.core.errors import VlmkitError, suggest
 from vlmkit.core.interfaces import EncoderConfig, Preprocess, VisionEncoder
 from vlmkit.core.weights import load_state_dict_file
+from vlmkit.encoders.probe import blank_image, eval_mode
 
 
 @dataclass(frozen=True)
@@ -221,15 +222,8 @@ class TimmEncoder(VisionEncoder):
         BatchNorm running statistics); every module's train/eval mode is restored afterwards."""
         size = image_size or self._preprocess.image_size
         if size not in self._tokens:
-            param = next(self.parameters())
-            modes = [(m, m.training) for m in self.modules()]
-            self.eval()
-            try:
-                with torch.no_grad():
-                    out = self.forward(torch.zeros(1, 3, size, size, dtype=param.dtype, device=param.device))
-            finally:
-                for module, mode in modes:
-                    module.training = mode
+            with eval_mode(self):
+                out = self.forward(blank_image(self, size))
             self._tokens[size] = int(out.shape[1])
         return self._tokens[size]
 
