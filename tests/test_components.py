@@ -305,7 +305,7 @@ def test_prefix_generation_cached_equals_uncached(model):
 
 @pytest.mark.parametrize("family", ["llama_untied", "gpt2_tied"])
 def test_embedding_rows_new_tokens_vs_all(tmp_path, family):
-    from vlmkit.core.train_loop import param_groups
+    from vlmkit.core.engine.optim import param_groups
     from vlmkit.core.tuning import embedding_tables
 
     def mutate(data):

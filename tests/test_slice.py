@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from tiny import resolved_toy
 from vlmkit.core.compose import build_model
-from vlmkit.core.train_loop import run
+from vlmkit.core.engine import run
 
 
 def _one_stage(steps: int, lr: float = 3e-3):

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="shipped recipe name or YAML file")
     recipe_args(p)
     p.add_argument("--output-dir", type=Path, help="run folder (default: runs/<recipe name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="resume the folder's checkpoints even if the recipe changed (a folder with checkpoints of "
+                        "the same recipe is resumed without it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -148,18 +151,30 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from vlmkit.core.engine import run
     from vlmkit.core.recipe.loader import load_recipe
-    from vlmkit.core.train_loop import run
 
     registry = _registry()
     resolved = load_recipe(args.recipe, args.profile, args.overrides, registry=registry)
     output_dir = args.output_dir or Path("runs") / resolved.recipe.name
-    result = run(resolved, output_dir, registry=registry, progress=not args.no_progress)
+    result = run(resolved, output_dir, registry=registry, progress=not args.no_progress,
+                 resume=True if args.resume else None)
+    if result.processes > 1 and not _is_main_process():
+        return 0
+    if not result.complete_before:
+        print(f"trained on {result.processes} process{'es' if result.processes > 1 else ''} ({result.device})")
+    if result.complete_before:
+        print(f"{output_dir} already holds the finished run; nothing to train")
     for stage in result.stages:
-        first, last = stage.losses[0], stage.losses[-1]
-        print(f"stage {stage.name}: {stage.steps} steps, loss {first:.4f} -> {last:.4f}, checkpoint {stage.checkpoint}")
-    print(f"run folder: {result.output_dir} (metrics.jsonl, recipe.yaml)")
+        if stage.losses:
+            print(f"stage {stage.name}: {stage.steps} steps, loss {stage.losses[0]:.4f} -> {stage.losses[-1]:.4f}")
+    print(f"run folder: {result.output_dir} (metrics.jsonl, loss.png, checkpoints/"
+          + (", export/" if result.export else "") + ")")
     return 0
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 COMMANDS = {

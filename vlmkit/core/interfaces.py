@@ -269,6 +269,12 @@ class LanguageDecoder(nn.Module, ABC):
         """``inputs_embeds (B, L, width)`` -> a causal-LM output with ``logits (B, L, vocab)`` and,
         with ``labels (B, L)`` (-100 = ignored), the shifted cross-entropy ``loss``."""
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in the backward pass (``run.gradient_checkpointing``)."""
+        from vlmkit.core.errors import VlmkitError
+
+        raise VlmkitError(f"run.gradient_checkpointing: decoder {type(self).__name__} does not support it")
+
     def generation_module(self) -> nn.Module:
         """The module that ``generate`` calls once per step with that step's ``input_ids`` chunk
         (fusions hook it to follow generation); by default the decoder itself."""

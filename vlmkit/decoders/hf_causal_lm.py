@@ -187,6 +187,10 @@ class HFCausalLM(LanguageDecoder):
     ) -> Any:
         return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
+    def enable_gradient_checkpointing(self) -> None:
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.config.use_cache = False
+
     def generation_module(self) -> nn.Module:
         return self.model
 

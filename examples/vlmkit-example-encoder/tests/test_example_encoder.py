@@ -17,7 +17,7 @@ from vlmkit import EncoderConfig, VisionEncoder
 from vlmkit.core.errors import RecipeError
 from vlmkit.core.recipe.loader import load_recipe
 from vlmkit.core.registry import Registry
-from vlmkit.core.train_loop import run
+from vlmkit.core.engine import run
 from vlmkit_example_encoder import plugin as plugin_module
 from vlmkit_example_encoder.encoder import PatchEmbedConfig, PatchEmbedEncoder
 

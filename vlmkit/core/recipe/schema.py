@@ -128,8 +128,8 @@ class StageSpec(Strict):
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     epochs: PositiveFloat | None = None
     max_steps: PositiveInt | None = None
-    batch_size: PositiveInt
-    grad_accum: PositiveInt = 1
+    batch_size: PositiveInt = Field(description="samples per micro-batch over all processes (each of W processes takes batch_size / W)")
+    grad_accum: PositiveInt = Field(1, description="micro-batches per optimizer step: the global batch is batch_size * grad_accum")
     max_grad_norm: PositiveFloat | None = 1.0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     log_every: PositiveInt = 1
@@ -143,6 +143,25 @@ class StageSpec(Strict):
         return self
 
 
+class RunSpec(Strict):
+    """How the engine runs and saves, for every stage."""
+
+    checkpoint_every: PositiveInt | None = None
+    """Save a resumable checkpoint every this many optimizer steps (and always at each stage end)."""
+    keep_last: PositiveInt = 2
+    """Checkpoints kept in ``<output>/checkpoints`` (older ones are deleted after a newer is complete)."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars (needs ``pip install 'vlmkit[tensorboard]'``)."""
+    export: bool = True
+    """Write ``<output>/export`` at the end: the trained weights, tokenizer and recipe for ``vlmkit.load``."""
+    merge_lora: bool = True
+    """In the export, merge LoRA adapters into the base weights (else keep them separate)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder activations in the backward pass (less memory, about 30% slower)."""
+    num_workers: NonNegativeInt = 0
+    """Data-loading worker processes per training process."""
+
+
 class EvalSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -154,6 +173,7 @@ class Recipe(Strict):
     description: str = ""
     extends: str | None = Field(None, description="a parent recipe (shipped name or path), deep-merged under this one")
     seed: int = 0
+    run: RunSpec = RunSpec()
     model: ModelSpec
     data: dict[str, DatasetSpec] = Field(min_length=1)
     stages: list[StageSpec] = Field(min_length=1)

@@ -1,0 +1,351 @@
+"""The engine: one trainer for every recipe, from one CPU core to many GPUs through accelerate.
+
+Stages run in the recipe's order on one model, so each starts from the weights the previous one
+left. Per step: ``grad_accum`` micro-batches of ``batch_size`` samples over all processes; the loss
+is the token-level cross-entropy normalised by the number of answer tokens in the whole global
+batch (so 1 process x batch 8 and 2 processes x batch 4 take the same step, whatever the answer
+lengths). Checkpoints (:mod:`vlmkit.core.engine.state`) make a run resumable exactly: a resumed run
+ends bitwise equal to an uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import ConcatDataset, DataLoader
+from tqdm.auto import tqdm
+
+from vlmkit.core.compose import IMAGE_TOKEN, VisionLanguageModel, build_model
+from vlmkit.core.data.collate import IGNORE, Collator
+from vlmkit.core.engine.optim import build_optimizer, build_scheduler, param_groups, total_steps
+from vlmkit.core.engine.sampler import StageBatchSampler
+from vlmkit.core.engine.state import (
+    LoadedState,
+    TrainerState,
+    capture_rng,
+    checkpoint_dirs,
+    load_training_state,
+    restore_rng,
+    save_training_state,
+)
+from vlmkit.core.errors import VlmkitError
+from vlmkit.core.recipe.loader import ResolvedRecipe
+from vlmkit.core.recipe.schema import StageSpec
+from vlmkit.core.tuning import apply_tuning
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RunInterrupted(VlmkitError):
+    """Ctrl-C: a checkpoint was saved; running the same command again resumes."""
+
+    exit_code = 130
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    stages: list[StageResult]
+    model: VisionLanguageModel
+    resumed_from: Path | None = None
+    export: Path | None = None
+    complete_before: bool = False  # the folder already held a finished run
+    processes: int = 1
+    device: str = "cpu"
+
+
+def run(
+    resolved: ResolvedRecipe,
+    output_dir: Path,
+    registry: Any = None,
+    progress: bool = True,
+    resume: bool | None = None,
+) -> RunResult:
+    """Train ``resolved`` into ``output_dir``. ``resume``: None = resume when the folder holds
+    checkpoints of the same recipe; True = resume (even if the recipe changed); False = refuse a
+    folder that holds checkpoints."""
+    return Engine(resolved, Path(output_dir), registry, progress).run(resume)
+
+
+def _recipe_body(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+
+
+class Engine:
+    def __init__(self, resolved: ResolvedRecipe, output_dir: Path, registry: Any, progress: bool):
+        from accelerate import Accelerator
+
+        if registry is None:
+            from vlmkit.core.registry import get_registry
+
+            registry = get_registry()
+        self.resolved = resolved
+        self.recipe = resolved.recipe
+        self.output_dir = output_dir
+        self.registry = registry
+        # without CUDA, cpu=True lets a torchrun-style launch (accelerate launch --multi_gpu) use gloo
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.main = self.accelerator.is_main_process
+        self.progress = progress and self.main
+        self.trained: set[str] = set()  # parameter names trained so far in the run
+        self.log = None
+
+    # ------------------------------------------------------------------ the run
+    def run(self, resume: bool | None) -> RunResult:
+        out = self.output_dir
+        existing = checkpoint_dirs(out)
+        state: LoadedState | None = None
+        if existing and resume is not False:
+            state = load_training_state(existing[-1])
+            if resume is None and _recipe_body(state.recipe_yaml) != _recipe_body(self.resolved.to_yaml()):
+                raise VlmkitError(
+                    f"{out} holds checkpoints of a different recipe (see {existing[-1] / 'recipe.yaml'}); choose another "
+                    "--output-dir, or pass --resume to continue that run with this recipe"
+                )
+        elif existing and resume is False:
+            raise VlmkitError(f"{out} already holds checkpoints; choose another --output-dir or resume it")
+        elif resume is True:
+            raise VlmkitError(f"--resume: {out / 'checkpoints'} holds no checkpoint to resume from")
+
+        if self.main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "recipe.yaml").write_text(self.resolved.to_yaml(), encoding="utf-8")
+        from vlmkit.core.engine.run_log import RunLog
+
+        self.log = RunLog(out, tensorboard=self.recipe.run.tensorboard, enabled=self.main)
+        model = build_model(self.resolved, self.registry)
+        if self.recipe.run.gradient_checkpointing:
+            model.decoder.enable_gradient_checkpointing()
+        model.to(self.accelerator.device)
+        self.datasets = {
+            alias: self.registry.component_class("dataset", spec.name)(spec.config)
+            for alias, spec in self.resolved.datasets.items()
+        }
+        self.collator = Collator(
+            tokenizer=model.decoder.tokenizer,
+            preprocess=model.encoder.preprocess,
+            image_token=IMAGE_TOKEN,
+            placeholder_tokens=model.placeholder_tokens(),
+        )
+        stages = self.recipe.stages
+        results: list[StageResult] = []
+        start, mid_stage = 0, None
+        if state is not None:
+            start, mid_stage = self._restore(model, state)
+            self.log.truncate_after(state.trainer.global_step)
+            for k in range(start):
+                results.append(StageResult(stages[k].name, len(state.trainer.losses.get(stages[k].name, [])),
+                                           list(state.trainer.losses.get(stages[k].name, []))))
+        self.losses = dict(state.trainer.losses) if state is not None else {}
+        self.global_step = state.trainer.global_step if state is not None else 0
+        complete_before = state is not None and start >= len(stages)
+        for k in range(start, len(stages)):
+            results.append(self._stage(model, k, mid_stage if k == start else None))
+        export = None
+        if self.main and self.recipe.run.export:
+            from vlmkit.core.export import export_model
+
+            export = out / "export"
+            if not (complete_before and export.is_dir()):
+                export_model(model, self.resolved, export, merge_lora=self.recipe.run.merge_lora)
+        if self.main:
+            self.log.close()
+        self.accelerator.wait_for_everyone()
+        return RunResult(out, results, model, state.path if state else None, export, complete_before,
+                         self.accelerator.num_processes, self.accelerator.device.type)
+
+    def _restore(self, model: VisionLanguageModel, state: LoadedState) -> tuple[int, LoadedState | None]:
+        """Rebuild the trainable structure of every stage up to the checkpoint's (LoRA adapters are
+        created there), load the weights, and say where to go on."""
+        t = state.trainer
+        for k in range(t.stage_index + 1):
+            apply_tuning(model, self.recipe.stages[k].tune, f"stages.{k}")
+            self.trained |= {n for n, p in model.named_parameters() if p.requires_grad}
+        params = dict(model.named_parameters())
+        unknown = sorted(set(state.weights) - set(params))
+        if unknown:
+            raise VlmkitError(f"checkpoint {state.path} has weights this recipe's model lacks, e.g. {unknown[:3]}")
+        with torch.no_grad():
+            for name, value in state.weights.items():
+                if params[name].shape != value.shape:
+                    raise VlmkitError(f"checkpoint {state.path}: {name} has shape {tuple(value.shape)}, the model {tuple(params[name].shape)}")
+                params[name].copy_(value)
+        if self.main:
+            tqdm.write(f"resuming from {state.path} (stage {t.stage}, step {t.step}{', complete' if t.stage_done else ''})")
+        if t.stage_done:
+            restore_rng(state.rng_tensors, state.rng_plain)
+            return t.stage_index + 1, None
+        return t.stage_index, state
+
+    # ------------------------------------------------------------------ one stage
+    def _stage(self, model: VisionLanguageModel, k: int, state: LoadedState | None) -> StageResult:
+        acc = self.accelerator
+        stage = self.recipe.stages[k]
+        label = f"stages.{k}"
+        report = apply_tuning(model, stage.tune, label)
+        self.trained |= {n for n, p in model.named_parameters() if p.requires_grad}
+        groups = param_groups(model, stage)
+        if not groups:
+            raise VlmkitError(f"{label}.tune: stage '{stage.name}' trains no parameters; set some component to full, lora or partial")
+        self._report(stage.name, report)
+        optimizer = build_optimizer(groups, stage)
+        data = ConcatDataset([self.datasets[a] for a in stage.data])
+        consumed = state.trainer.consumed if state else 0
+        sampler = StageBatchSampler(
+            len(data), stage.batch_size, seed=self.recipe.seed, stage_index=k,
+            rank=acc.process_index, world_size=acc.num_processes, start=consumed, where=label,
+        )
+        total = total_steps(stage, sampler.batches_per_epoch)
+        scheduler = build_scheduler(optimizer, stage, total)
+        scaler = torch.amp.GradScaler(acc.device.type) if stage.precision == "fp16" else None
+        step = 0
+        losses: list[float] = []
+        if state is not None:
+            optimizer.load_state_dict(state.optimizer)
+            scheduler.load_state_dict(state.scheduler)
+            if scaler is not None and state.scaler is not None:
+                scaler.load_state_dict(state.scaler)
+            step = state.trainer.step
+            losses = list(self.losses.get(stage.name, []))[:step]
+            restore_rng(state.rng_tensors, state.rng_plain)
+        wrapped, optimizer = acc.prepare(model, optimizer)
+        model.train()
+        for comp, counts in report.items():  # frozen parts keep BatchNorm statistics, run no dropout
+            if comp in model.component_names and counts["trainable"] == 0:
+                getattr(model, comp).eval()
+        loader = DataLoader(
+            data, batch_sampler=sampler, collate_fn=self.collator, num_workers=self.recipe.run.num_workers,
+            generator=torch.Generator(),  # never draw from the global generator (exact resume)
+        )
+        batches = iter(loader)
+        trainable = [p for g in groups for p in g["params"]]
+        bar = tqdm(total=total, initial=step, desc=f"stage {stage.name}", disable=not self.progress, dynamic_ncols=True)
+        last_saved = step if state is not None else -1
+        safe = (capture_rng(), consumed)  # generator states and data position after the last whole step
+        checkpoint = None
+        try:
+            while step < total:
+                t0 = time.perf_counter()
+                micro = [next(batches) for _ in range(stage.grad_accum)]
+                consumed += stage.grad_accum
+                loss_value, n_samples = self._step(wrapped, stage, micro, step, scaler, optimizer, trainable)
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                self.global_step += 1
+                safe = (capture_rng(), consumed)
+                losses.append(loss_value)
+                self.losses[stage.name] = losses
+                elapsed = time.perf_counter() - t0
+                lr = scheduler.get_last_lr()[0]
+                if step % stage.log_every == 0 or step == total:
+                    self.log.write({
+                        "stage": stage.name, "stage_index": k, "step": step, "global_step": self.global_step,
+                        "loss": loss_value, "lr": lr, "samples_per_s": n_samples / elapsed,
+                    })
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", sps=f"{n_samples / elapsed:.1f}")
+                bar.update(1)
+                every = self.recipe.run.checkpoint_every
+                if every and step % every == 0 and step < total:
+                    checkpoint = self._save(model, optimizer, scheduler, scaler, k, step, consumed, False)
+                    last_saved = step
+        except KeyboardInterrupt:
+            bar.close()
+            if step > last_saved and step > 0:
+                rng, at = safe  # a half-done step is dropped: the resumed run repeats it exactly
+                path = self._save(model, optimizer, scheduler, scaler, k, step, at, False, rng=rng)
+                raise RunInterrupted(f"interrupted at stage '{stage.name}' step {step}; checkpoint saved in {path}; "
+                                     "run the same command again to resume") from None
+            raise RunInterrupted(f"interrupted at stage '{stage.name}' step {step}; run the same command again to resume") from None
+        bar.close()
+        checkpoint = self._save(model, optimizer, scheduler, scaler, k, step, consumed, True)
+        return StageResult(stage.name, step, losses, checkpoint)
+
+    def _step(
+        self, wrapped: Any, stage: StageSpec, micro: list[dict[str, Any]], step: int,
+        scaler: Any, optimizer: Any, trainable: list[torch.nn.Parameter],
+    ) -> tuple[float, int]:
+        """One optimizer step over ``micro``; returns the global mean loss per answer token and the
+        number of samples this process saw."""
+        acc = self.accelerator
+        device = acc.device
+        tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+        n_tokens = acc.reduce(torch.tensor(float(tokens), device=device), reduction="sum")
+        n_tokens = max(float(n_tokens), 1.0)
+        world = acc.num_processes
+        dtype = _AUTOCAST.get(stage.precision)
+        loss_sum = torch.zeros((), device=device)
+        for i, batch in enumerate(micro):
+            tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            labels = tensors.pop("labels")
+            sync = contextlib.nullcontext() if i == len(micro) - 1 or world == 1 else acc.no_sync(wrapped)
+            with sync:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    logits = wrapped(**tensors).logits
+                ce = F.cross_entropy(
+                    logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                    ignore_index=IGNORE, reduction="sum",
+                )
+                if not torch.isfinite(ce):
+                    ids = ", ".join(batch["ids"])
+                    raise VlmkitError(
+                        f"stage '{stage.name}' step {step + 1}: the loss is {ce.item()} for the batch of samples {ids}; "
+                        f"the last good checkpoint is kept in {self.output_dir / 'checkpoints'}; lower the learning "
+                        "rate or check these samples"
+                    )
+                loss = ce / n_tokens * world  # DDP averages gradients over the world
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    acc.backward(loss)
+            loss_sum = loss_sum + ce.detach()
+        if stage.max_grad_norm is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            acc.clip_grad_norm_(trainable, stage.max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        total = acc.reduce(loss_sum, reduction="sum")
+        return float(total) / n_tokens, sum(len(b["ids"]) for b in micro)
+
+    # ------------------------------------------------------------------ saving, reporting
+    def _save(self, model, optimizer, scheduler, scaler, k, step, consumed, done, rng=None) -> Path:
+        acc = self.accelerator
+        stage = self.recipe.stages[k]
+        path = self.output_dir / "checkpoints" / f"step-{self.global_step:08d}"
+        if self.main:
+            weights = {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if n in self.trained}
+            trainer = TrainerState(k, stage.name, step, self.global_step, consumed, done, dict(self.losses))
+            path = save_training_state(
+                self.output_dir, weights=weights, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                trainer=trainer, recipe_yaml=self.resolved.to_yaml(), keep_last=self.recipe.run.keep_last, rng=rng,
+            )
+        acc.wait_for_everyone()
+        return path
+
+    def _report(self, stage: str, report: dict[str, dict[str, int]]) -> None:
+        if not self.progress:
+            return
+        lines = [f"stage {stage}: parameters", f"  {'part':<10} {'trainable':>14} {'frozen':>14}"]
+        for comp, counts in report.items():
+            lines.append(f"  {comp:<10} {counts['trainable']:>14,} {counts['frozen']:>14,}")
+        saved = len(self.trained)
+        lines.append(f"  checkpoints hold the {saved} parameter tensors trained so far, optimizer, scheduler, RNG and data position")
+        tqdm.write("\n".join(lines))
