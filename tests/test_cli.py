@@ -173,11 +173,28 @@ def test_run_smoke(tmp_path: Path) -> None:
 
     from safetensors import safe_open
 
-    with safe_open(str(out / "stage-0-align" / "model.safetensors"), framework="pt") as f:
+    # one checkpoint per stage end (keep_last 2): after align, the connector alone trained so far
+    with safe_open(str(out / "checkpoints" / "step-00000003" / "model.safetensors"), framework="pt") as f:
         keys = list(f.keys())
     assert keys, "the align checkpoint is empty"
-    assert all(k.startswith("connector.") for k in keys), keys  # align trains the connector alone
-    with safe_open(str(out / "stage-1-instruct" / "model.safetensors"), framework="pt") as f:
+    assert all(k.startswith("connector.") for k in keys), keys
+    with safe_open(str(out / "checkpoints" / "step-00000006" / "model.safetensors"), framework="pt") as f:
         keys = list(f.keys())
     assert any(k.startswith("connector.") for k in keys) and any(k.startswith("decoder.") for k in keys)
     assert not any(k.startswith("encoder.") for k in keys)  # frozen in both stages
+
+    # the loss PNG is drawn from the JSONL beside it
+    from PIL import Image
+
+    from vlmkit.core.engine.run_log import loss_curve_data, read_metrics
+
+    with Image.open(out / "loss.png") as png:
+        assert png.size[0] > 100 and png.size[1] > 100
+    curves = loss_curve_data(read_metrics(out / "metrics.jsonl"))
+    assert curves["align"] == ([1, 2, 3], [r["loss"] for r in records[:3]])
+    assert curves["instruct"] == ([4, 5, 6], [r["loss"] for r in records[3:]])
+    # the export loads back into a model
+    import vlmkit
+
+    model = vlmkit.load(out / "export")
+    assert not model.training and model.connector.width_out == 64

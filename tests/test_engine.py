@@ -187,7 +187,7 @@ def _accelerate_env() -> dict[str, str]:
 
 
 def test_two_processes_take_the_same_steps_as_one(tmp_path):
-    """accelerate launch --multi_gpu --num_processes 2 on the CPU (gloo) with batch 4 = 2 per process
+    """accelerate launch with the shipped ddp config, 2 processes on the CPU (gloo), batch 4 = 2 per process
     gives the parameters of one process with batch 4, within 1e-6."""
     data = yaml.safe_load(recipe_file(tmp_path, steps=2).read_text())
     data["run"] = {"checkpoint_every": None, "export": False}
@@ -198,10 +198,12 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path):
     for stage in data["stages"]:
         stage["optimizer"] = {"eps": 1.0e-6}
     path = write_recipe(tmp_path, data, "ddp.yaml")
-    # --multi_gpu is accelerate's torchrun launcher; without CUDA the engine's Accelerator(cpu=True)
-    # makes the processes a gloo group (accelerate's --cpu launcher would need MPI for several)
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    # the shipped ddp config uses accelerate's torchrun launcher; without CUDA the engine's
+    # Accelerator(cpu=True) makes the processes a gloo group
+    from vlmkit.launch import path as launch_config
+
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config("ddp")),
+                  "--num_processes", "2"]
     cli = ["-m", "vlmkit.core.cli", "run", str(path), "--no-progress"]
     two = subprocess.run([*accelerate, *cli, "--output-dir", str(tmp_path / "two")], env=_accelerate_env(),
                          capture_output=True, text=True, timeout=600)
@@ -219,3 +221,49 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path):
     losses_one = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     losses_two = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert losses_one == pytest.approx(losses_two, abs=1e-5)
+
+
+def test_lora_stage_changes_only_the_adapters_and_what_else_trains(tmp_path):
+    data = yaml.safe_load(recipe_file(tmp_path, steps=3).read_text())
+    data["stages"][1]["tune"]["decoder"] = {"mode": "lora", "lora": {"r": 4, "alpha": 8}}
+    data["stages"][1]["tune"]["connector"] = "frozen"
+    path = write_recipe(tmp_path, data, "lora.yaml")
+    result = run(load_recipe(path), tmp_path / "run", progress=False)
+    ckpts = checkpoint_dirs(tmp_path / "run")
+    after_align = load_file(str(next(c for c in ckpts if c.name == "step-00000003") / "model.safetensors"))
+    final = dict(result.model.named_parameters())
+    from vlmkit.core.compose import build_model
+
+    fresh = dict(build_model(load_recipe(path)).named_parameters())
+    adapters = [n for n in final if "lora_" in n]
+    assert adapters and all(final[n].abs().sum() > 0 for n in adapters if "lora_B" in n)  # B starts at zero
+    for name, value in final.items():
+        if "lora_" in name:
+            continue
+        base = name.replace(".base_layer", "")
+        if name.startswith("connector."):  # trained in stage 0 only: as stage 0 left it
+            assert torch.equal(value, after_align[name]), name
+        else:  # encoder, decoder base weights: as built
+            assert torch.equal(value, fresh[base]), name
+
+
+def test_gradient_checkpointing_takes_the_same_steps(tmp_path):
+    data = yaml.safe_load(recipe_file(tmp_path, steps=2).read_text())
+    data["run"] = {"checkpoint_every": None, "export": False}
+    plain = run(load_recipe(write_recipe(tmp_path, data, "plain.yaml")), tmp_path / "a", progress=False)
+    data["run"]["gradient_checkpointing"] = True
+    ckpt = run(load_recipe(write_recipe(tmp_path, data, "ckpt.yaml")), tmp_path / "b", progress=False)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in ckpt.model.decoder.modules())
+    for (name, a), (_, b) in zip(plain.model.named_parameters(), ckpt.model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    assert plain.stages[1].losses == pytest.approx(ckpt.stages[1].losses, abs=1e-6)
+
+
+def test_bf16_stage_runs_and_learns(tmp_path):
+    data = yaml.safe_load(recipe_file(tmp_path, steps=4).read_text())
+    data["run"] = {"checkpoint_every": None, "export": False}
+    data["stages"] = [data["stages"][1] | {"precision": "bf16", "lr": 3.0e-3}]
+    result = run(load_recipe(write_recipe(tmp_path, data, "bf16.yaml")), tmp_path / "run", progress=False)
+    losses = result.stages[0].losses
+    assert all(map(lambda x: x == x and abs(x) < 100, losses)) and losses[-1] < losses[0]
+    assert next(result.model.parameters()).dtype == torch.float32  # autocast, master weights fp32

@@ -28,10 +28,14 @@ _INTERFACE_NAMES = {
     "Sample",
 }
 
-__all__ = ["hookimpl", "__version__", *sorted(_INTERFACE_NAMES)]
+__all__ = ["hookimpl", "__version__", "load", *sorted(_INTERFACE_NAMES)]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "load":  # vlmkit.load(path): a model exported by vlmkit.core.export
+        from vlmkit.core.export import load
+
+        return load
     if name in _INTERFACE_NAMES:
         from vlmkit.core import interfaces
 
