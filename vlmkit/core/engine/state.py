@@ -107,7 +107,7 @@ def save_training_state(
     output_dir: Path,
     *,
     weights: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: Any,
     scaler: Any,
     trainer: TrainerState,
@@ -118,7 +118,10 @@ def save_training_state(
     """``rng``: the generator states to store (default: now); Ctrl-C passes those of the start of the
     interrupted step so a resumed run repeats it exactly."""
     target = Path(output_dir) / "checkpoints" / f"step-{trainer.global_step:08d}"
-    opt_tensors, opt_plain = optimizer_to_files(optimizer)
+    if optimizer is not None:
+        opt_tensors, opt_plain = optimizer_to_files(optimizer)
+    else:  # sharded (FSDP / DeepSpeed): the moments live on every rank, not gathered here
+        opt_tensors, opt_plain = {}, {"saved": False}
     rng_tensors, rng_plain = rng if rng is not None else capture_rng()
     with atomic_dir(target) as tmp:
         save_file(weights, str(tmp / "model.safetensors"))
@@ -140,7 +143,7 @@ def save_training_state(
 class LoadedState:
     path: Path
     weights: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
+    optimizer: dict[str, Any] | None  # None: not saved (sharded training)
     scheduler: dict[str, Any]
     scaler: dict[str, Any] | None
     rng_tensors: dict[str, torch.Tensor]
@@ -157,9 +160,7 @@ def load_training_state(path: Path) -> LoadedState:
         return LoadedState(
             path=path,
             weights=load_file(str(path / "model.safetensors")),
-            optimizer=optimizer_from_files(
-                load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
-            ),
+            optimizer=_optimizer(path),
             scheduler=json.loads((path / "scheduler.json").read_text()),
             scaler=json.loads(scaler_path.read_text()) if scaler_path.exists() else None,
             rng_tensors=load_file(str(path / "rng.safetensors")),
@@ -169,6 +170,13 @@ def load_training_state(path: Path) -> LoadedState:
         )
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise VlmkitError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); move it away to resume from an older one") from None
+
+
+def _optimizer(path: Path) -> dict[str, Any] | None:
+    plain = json.loads((path / "optimizer.json").read_text())
+    if plain.get("saved") is False:
+        return None
+    return optimizer_from_files(load_file(str(path / "optimizer.safetensors")), plain)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -215,7 +215,10 @@ class Engine:
         step = 0
         losses: list[float] = []
         if state is not None:
-            optimizer.load_state_dict(state.optimizer)
+            if state.optimizer is not None:
+                optimizer.load_state_dict(state.optimizer)
+            elif self.main:
+                tqdm.write(f"warning: {state.path} holds no optimizer state (sharded training); AdamW's moments restart")
             scheduler.load_state_dict(state.scheduler)
             if scaler is not None and state.scaler is not None:
                 scaler.load_state_dict(state.scaler)
@@ -223,6 +226,7 @@ class Engine:
             losses = list(self.losses.get(stage.name, []))[:step]
             restore_rng(state.rng_tensors, state.rng_plain)
         wrapped, optimizer = acc.prepare(model, optimizer)
+        self._wrapped = wrapped
         model.train()
         for comp, counts in report.items():  # frozen parts keep BatchNorm statistics, run no dropout
             if comp in model.component_names and counts["trainable"] == 0:
@@ -330,15 +334,26 @@ class Engine:
         acc = self.accelerator
         stage = self.recipe.stages[k]
         path = self.output_dir / "checkpoints" / f"step-{self.global_step:08d}"
+        sharded = self._sharded()
+        if sharded:  # gather the full weights (every rank takes part); optimizer moments stay sharded
+            full = acc.get_state_dict(self._wrapped)
         if self.main:
-            weights = {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if n in self.trained}
+            if sharded:
+                weights = {n: full[n].detach().to("cpu").contiguous().clone() for n in self.trained if n in full}
+            else:
+                weights = {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if n in self.trained}
             trainer = TrainerState(k, stage.name, step, self.global_step, consumed, done, dict(self.losses))
             path = save_training_state(
-                self.output_dir, weights=weights, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                self.output_dir, weights=weights, optimizer=None if sharded else optimizer, scheduler=scheduler, scaler=scaler,
                 trainer=trainer, recipe_yaml=self.resolved.to_yaml(), keep_last=self.recipe.run.keep_last, rng=rng,
             )
         acc.wait_for_everyone()
         return path
+
+    def _sharded(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
     def _report(self, stage: str, report: dict[str, dict[str, int]]) -> None:
         if not self.progress:
