@@ -26,6 +26,8 @@ _INTERFACE_NAMES = {
     "Dataset",
     "DatasetConfig",
     "Sample",
+    "Template",
+    "TemplateConfig",
 }
 
 __all__ = ["hookimpl", "__version__", "load", *sorted(_INTERFACE_NAMES)]

@@ -18,7 +18,7 @@ class BuiltinComponent(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    kind: Literal["encoder", "connector", "fusion", "decoder", "dataset"]
+    kind: Literal["encoder", "connector", "fusion", "decoder", "dataset", "template"]
     object: str = Field(pattern=r"^[\w.]+:[\w.]+$")
     summary: str
 
@@ -64,3 +64,8 @@ def register_decoders(register):
 @hookimpl
 def register_datasets(register):
     _register("dataset", register)
+
+
+@hookimpl
+def register_templates(register):
+    _register("template", register)

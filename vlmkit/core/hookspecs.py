@@ -49,6 +49,10 @@ class VlmkitHookSpecs:
     def register_datasets(self, register):
         """Register dataset types (:class:`vlmkit.core.interfaces.Dataset`)."""
 
+    @hookspec
+    def register_templates(self, register):
+        """Register chat templates (:class:`vlmkit.core.interfaces.Template`)."""
+
 
 #: component kind -> hook name
 HOOK_FOR_KIND = {
@@ -57,5 +61,6 @@ HOOK_FOR_KIND = {
     "fusion": "register_fusions",
     "decoder": "register_decoders",
     "dataset": "register_datasets",
+    "template": "register_templates",
 }
 KINDS = tuple(HOOK_FOR_KIND)

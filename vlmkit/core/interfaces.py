@@ -33,6 +33,8 @@ __all__ = [
     "Dataset",
     "DatasetConfig",
     "Sample",
+    "Template",
+    "TemplateConfig",
     "INTERFACES",
 ]
 
@@ -294,19 +296,24 @@ class DatasetConfig(ComponentConfig):
 
 @dataclass
 class Sample:
-    """One training sample, before tokenisation.
+    """One training sample as text, before tokenisation (what a template renders).
 
     ``segments`` are ``(text, trained)`` pairs rendered in order; the loss covers exactly the tokens
-    of the trained segments. ``<image>`` in the text marks where each of ``images`` goes, in order.
+    of the trained segments (end-of-answer markers included by the template). ``<image>`` in the text
+    marks where each of ``images`` goes, in order; an image is a PIL image or a list of PIL frames
+    (a video clip). ``units`` lists the in-context examples that truncation may drop, oldest first,
+    each as ``(first segment, end segment, first image, end image)`` (end exclusive).
     """
 
     id: str
-    images: list[Any] = field(default_factory=list)  # PIL images
+    images: list[Any] = field(default_factory=list)
     segments: list[tuple[str, bool]] = field(default_factory=list)
+    units: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
 class Dataset(ABC):
-    """A map-style dataset of :class:`Sample` records."""
+    """A map-style dataset of :class:`vlmkit.core.data.records.Record` (conversations with media;
+    a template renders them) or, for ready-made text, :class:`Sample`."""
 
     kind: ClassVar[str] = "dataset"
     Config: ClassVar[type[ComponentConfig]] = DatasetConfig
@@ -318,7 +325,30 @@ class Dataset(ABC):
     def __len__(self) -> int: ...
 
     @abstractmethod
-    def __getitem__(self, index: int) -> Sample: ...
+    def __getitem__(self, index: int) -> Any: ...
+
+
+# ---------------------------------------------------------------------------------------- templates
+class TemplateConfig(ComponentConfig):
+    pass
+
+
+class Template(ABC):
+    """A chat format: renders a :class:`~vlmkit.core.data.records.Record` into a :class:`Sample`
+    whose trained segments are exactly the answers and their end markers."""
+
+    kind: ClassVar[str] = "template"
+    Config: ClassVar[type[ComponentConfig]] = TemplateConfig
+    #: special tokens the decoder must know (added by the builder), ``<image>`` always among them
+    special_tokens: ClassVar[tuple[str, ...]] = ("<image>",)
+
+    def __init__(self, config: ComponentConfig):
+        self.config = config
+
+    @abstractmethod
+    def render(self, record: Any, tokenizer: Any) -> Sample:
+        """``record`` -> segments; ``tokenizer`` gives the end-of-sequence text and, for the
+        ``chat_template`` template, the model's own chat template."""
 
 
 #: kind -> interface class
@@ -328,4 +358,5 @@ INTERFACES: dict[str, type] = {
     "fusion": Fusion,
     "decoder": LanguageDecoder,
     "dataset": Dataset,
+    "template": Template,
 }

@@ -1,0 +1,56 @@
+"""What datasets yield and templates read: conversations with their media, before any text format.
+
+A :class:`Record` is one training sample: a query :class:`Exchange` (one or more user/assistant
+turns about its media) and, for in-context learning, the example exchanges that precede it. A
+template (:class:`vlmkit.core.interfaces.Template`) renders it into a
+:class:`~vlmkit.core.interfaces.Sample`: text segments marked trained or not, ``<image>`` markers,
+and the media in marker order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+#: MIMIC-IT's data groups (REFERENCE 1.6) plus captions for alignment stages
+GROUPS = ("IMAGE_TEXT", "TEXT_ONLY", "VIDEO_TEXT", "IMAGE_TEXT_IN_CONTEXT", "CAPTION")
+
+
+@dataclass
+class Media:
+    """One image (one frame) or one video clip (``F`` frames, in time order); PIL images."""
+
+    id: str
+    frames: list[Any]
+
+
+@dataclass
+class Turn:
+    role: Literal["user", "assistant"]
+    text: str
+
+
+@dataclass
+class Exchange:
+    """User/assistant turns (alternating, starting with the user) and the media they are about.
+
+    ``media`` go where the template puts ``<image>`` markers: before the exchange's first user
+    turn, in order. A text-only exchange has none."""
+
+    turns: list[Turn]
+    media: list[Media] = field(default_factory=list)
+    id: str = ""
+
+
+@dataclass
+class Record:
+    """A query exchange and its in-context examples (oldest first).
+
+    ``shared_media``: the in-context examples are other instructions about the query's own media
+    (MIMIC-IT's same-image mode): the media appear once, before the first example."""
+
+    id: str
+    group: str
+    query: Exchange
+    context: list[Exchange] = field(default_factory=list)
+    shared_media: bool = False
