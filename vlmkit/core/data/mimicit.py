@@ -1,0 +1,361 @@
+"""``mimicit``: MIMIC-IT instructions with their images and in-context examples (REFERENCE 1.6).
+
+On disk: ``XX_instructions.json`` (``{"meta": ..., "data": {id: {"instruction", "answer",
+"image_ids", "rel_ins_ids"}}}``), the images as ``XX.parquet`` (a ``base64`` column indexed by image
+id) or legacy ``XX.json`` (``{image id: base64}``), and optionally ``XX_train.json`` (``{id: [in-context
+ids]}``: the training instructions and their examples; without it every instruction is a query and
+its examples are its ``rel_ins_ids``).
+
+Each item is a :class:`~vlmkit.core.data.records.Record`: the query ``Exchange`` (user instruction,
+assistant answer, media) and the last ``max_context`` in-context examples. With ``context_mode:
+same_media`` the examples are other instructions about the query's own image or clip: the media
+are on the query and ``Record.shared_media`` is set (one leading image); with ``per_example`` every
+example carries its own media. A video clip (``VIDEO_TEXT``) is one :class:`Media` whose frames are
+``num_frames`` of the record's frame ids, resampled evenly as Otter does.
+
+The record list and the image ids are indexed at construction; no image is decoded until
+``__getitem__``. Bad records (``on_error``):
+
+- found at construction (unknown id, malformed entry, empty answer, unknown in-context id, missing
+  image id): ``skip`` drops them, ``fail`` raises;
+- found when decoding (image data that is not an image): ``skip`` returns the next good record
+  (the following index, wrapping), ``fail`` raises.
+
+:meth:`MimicIT.error_report` and :meth:`MimicIT.summary` tell what was skipped; the marks of
+records found bad while decoding are shared with DataLoader workers (shared memory), so the parent
+process's report includes what its workers skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+from pydantic import NonNegativeInt, PositiveInt
+
+from vlmkit.core.data.images import ImageStoreError, JsonImages, ParquetImages, open_image_store
+from vlmkit.core.data.records import Exchange, Media, Record, Turn
+from vlmkit.core.errors import VlmkitError
+from vlmkit.core.interfaces import Dataset, DatasetConfig
+
+__all__ = ["MimicIT", "MimicITConfig", "resample_frames", "ERROR_KINDS"]
+
+#: the kinds of bad record, in the order reports list them
+ERROR_KINDS = ("unknown_id", "malformed", "empty_answer", "unknown_context_id", "missing_image_id", "bad_image")
+_FRAME_SUFFIX = re.compile(r"_\d+$")
+
+
+class MimicITConfig(DatasetConfig):
+    instructions: Path
+    """``XX_instructions.json`` (absolute, or relative to the working directory)."""
+    images: Path | None = None
+    """``XX.parquet`` or legacy ``XX.json``; not needed for ``TEXT_ONLY``."""
+    train_config: Path | None = None
+    """``XX_train.json`` (query id -> in-context ids); without it: every instruction, with its
+    ``rel_ins_ids``."""
+    group: Literal["IMAGE_TEXT", "TEXT_ONLY", "VIDEO_TEXT", "IMAGE_TEXT_IN_CONTEXT"]
+    """The data group, always given (never inferred from file names)."""
+    max_context: NonNegativeInt = 3
+    """In-context examples kept per query: the last ones of its list."""
+    context_mode: Literal["same_media", "per_example"] | None = None
+    """``same_media``: the examples share the query's media (one leading image); ``per_example``:
+    each example has its own. Default: ``per_example`` for IMAGE_TEXT_IN_CONTEXT, else
+    ``same_media``."""
+    num_frames: PositiveInt = 8
+    """VIDEO_TEXT: frames per clip, resampled evenly from the record's frame ids."""
+    on_error: Literal["skip", "fail"] = "skip"
+    """Bad records: ``skip`` (count them, see ``summary()``) or ``fail`` (stop with an error)."""
+    limit: PositiveInt | None = None
+    """Keep only the first ``limit`` good records."""
+
+
+class _Entry(NamedTuple):
+    instruction: str
+    answer: str
+    image_ids: tuple[str, ...]
+    rel_ins_ids: tuple[str, ...]
+
+
+class _Malformed(NamedTuple):
+    reason: str
+
+
+def _compact(record: dict, force: bool = False) -> Any:
+    """A parsed instruction record -> :class:`_Entry` (or :class:`_Malformed`); other objects
+    (``meta``, ``data``) unchanged. The ``object_hook`` of the instructions file."""
+    if not force and "instruction" not in record:
+        return record
+    instruction, answer = record.get("instruction"), record.get("answer", "")
+    image_ids, rel = _ids(record.get("image_ids")), _ids(record.get("rel_ins_ids"))
+    if not isinstance(instruction, str):
+        return _Malformed("has no 'instruction' text")
+    if answer is not None and not isinstance(answer, str):
+        return _Malformed("has an 'answer' that is not text")
+    if image_ids is None:
+        return _Malformed("has 'image_ids' that are not a list of ids")
+    if rel is None:
+        return _Malformed("has 'rel_ins_ids' that are not a list of ids")
+    return _Entry(instruction.strip(), (answer or "").strip(), image_ids, rel)
+
+
+class _Bad(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+def resample_frames(frame_ids: list[str] | tuple[str, ...], num_frames: int) -> list[str]:
+    """``num_frames`` of ``frame_ids`` spread evenly, first and last included, as Otter does
+    (``np.linspace(0, n - 1, num_frames).astype(int)``): 8 frames -> 4 gives frames 0, 2, 4, 7.
+    Fewer frames than ``num_frames`` are repeated in the same way."""
+    n = len(frame_ids)
+    if n == 0:
+        raise ValueError("no frames")
+    if num_frames == 1:
+        return [frame_ids[0]]
+    return [frame_ids[i * (n - 1) // (num_frames - 1)] for i in range(num_frames)]
+
+
+def _clip_id(frame_ids: tuple[str, ...]) -> str:
+    stem = _FRAME_SUFFIX.sub("", frame_ids[0])
+    return stem or frame_ids[0]
+
+
+def _existing(path: Path, field: str) -> Path:
+    if path.is_file():
+        return path
+    where = f" (relative to the working directory {os.getcwd()})" if not path.is_absolute() else ""
+    what = "is a directory, not a file" if path.is_dir() else "does not exist"
+    raise VlmkitError(f"mimicit {field}: {str(path)!r} {what}{where}")
+
+
+def _read_json(path: Path, field: str, object_hook: Any = None) -> Any:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file, object_hook=object_hook)
+    except json.JSONDecodeError as error:
+        raise VlmkitError(f"mimicit {field}: {path} is not valid JSON ({error})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise VlmkitError(f"mimicit {field}: cannot read {path} ({error})") from None
+
+
+def _ids(value: Any) -> tuple[str, ...] | None:
+    """A list of ids as a tuple of str, or None when it is not one."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int)) for v in value):
+        return tuple(str(v) for v in value)
+    return None
+
+
+class MimicIT(Dataset):
+    """MIMIC-IT on disk (instructions JSON, JSON or parquet images, train config) with in-context
+    examples; yields :class:`Record` s."""
+
+    Config = MimicITConfig
+
+    def __init__(self, config: MimicITConfig):
+        super().__init__(config)
+        c = config
+        self.group = c.group
+        self.context_mode = c.context_mode or ("per_example" if c.group == "IMAGE_TEXT_IN_CONTEXT" else "same_media")
+        self.uses_media = c.group != "TEXT_ONLY"
+        self.fail = c.on_error == "fail"
+        self.instructions_path = _existing(Path(c.instructions), "instructions")
+        self.train_path = _existing(Path(c.train_config), "train_config") if c.train_config is not None else None
+        self.images: ParquetImages | JsonImages | None = None
+        self.images_path: Path | None = None
+        if self.uses_media:
+            if c.images is None:
+                raise VlmkitError(f"mimicit images: group {c.group} needs the image file (XX.parquet or XX.json)")
+            self.images_path = _existing(Path(c.images), "images")
+            try:
+                self.images = open_image_store(self.images_path)
+            except ImageStoreError as error:
+                raise VlmkitError(f"mimicit images: {error}") from None
+
+        self._entries: dict[str, _Entry] = {}
+        self._malformed: dict[str, str] = {}  # id -> what is wrong with it
+        order = self._load_instructions()
+        queries = self._queries(order)
+
+        self._skipped: dict[str, list[str]] = {}
+        self._items: list[tuple[str, tuple[str, ...]]] = []
+        for rid, context, source in queries:
+            if c.limit is not None and len(self._items) >= c.limit:
+                break
+            try:
+                self._items.append((rid, self._check(rid, context, source)))
+            except _Bad as bad:
+                if self.fail:
+                    raise VlmkitError(f"{bad.message} (mimicit on_error: fail; 'skip' drops such records)") from None
+                self._skipped.setdefault(bad.kind, []).append(rid)
+        if not self._items:
+            raise VlmkitError(f"mimicit: {self.instructions_path} has no usable records; {self.summary() or 'it is empty'}")
+        # records whose images fail to decode, marked in __getitem__; shared memory, so the marks of
+        # DataLoader workers reach the parent's error_report()
+        self._bad: Any = multiprocessing.RawArray("b", len(self._items))
+
+    # ---------------------------------------------------------------------------------- indexing
+    def _load_instructions(self) -> list[str]:
+        """Index every instruction compactly; their ids in file order. Records become small tuples
+        while the file is parsed, so the parsed JSON never exists whole."""
+        raw = _read_json(self.instructions_path, "instructions", object_hook=_compact)
+        data = raw.get("data") if isinstance(raw, dict) else None
+        if not isinstance(data, dict):
+            raise VlmkitError(
+                f"mimicit instructions: {self.instructions_path} is not a MIMIC-IT instructions file "
+                '(expected {"meta": {...}, "data": {instruction id: {"instruction", "answer", "image_ids", "rel_ins_ids"}}})'
+            )
+        for rid, record in data.items():
+            rid = str(rid)
+            if isinstance(record, dict):  # without an 'instruction' key: left as parsed
+                record = _compact(record, force=True)
+            if isinstance(record, _Entry):
+                self._entries[rid] = record
+            elif isinstance(record, _Malformed):
+                self._malformed[rid] = record.reason
+            else:
+                self._malformed[rid] = f"is a {type(record).__name__}, not an object"
+        return [str(rid) for rid in data]
+
+    def _queries(self, order: list[str]) -> list[tuple[str, Any, Path]]:
+        """(query id, its in-context ids as found, the file they come from)."""
+        if self.train_path is None:
+            out: list[tuple[str, Any, Path]] = []
+            for rid in order:
+                entry = self._entries.get(rid)
+                out.append((rid, entry.rel_ins_ids if entry else (), self.instructions_path))
+            return out
+        train = _read_json(self.train_path, "train_config")
+        if not isinstance(train, dict):
+            raise VlmkitError(f"mimicit train_config: {self.train_path} must map instruction ids to lists of in-context ids")
+        return [(str(rid), context, self.train_path) for rid, context in train.items()]
+
+    def _check(self, rid: str, context: Any, source: Path) -> tuple[str, ...]:
+        """The query's kept in-context ids, or :class:`_Bad` with the first problem found."""
+        where = f"{self.instructions_path}: record {rid!r}"
+        if rid in self._malformed:
+            raise _Bad("malformed", f"{where} {self._malformed[rid]}")
+        entry = self._entries.get(rid)
+        if entry is None:
+            raise _Bad("unknown_id", f"{source}: record {rid!r} is not in {self.instructions_path}")
+        ids = _ids(context)
+        if ids is None:
+            raise _Bad("malformed", f"{source}: record {rid!r}: the in-context ids are not a list of ids")
+        if not entry.answer:
+            raise _Bad("empty_answer", f"{where} has an empty answer")
+        kept = ids[max(0, len(ids) - self.config.max_context) :] if self.config.max_context else ()
+        for cid in kept:
+            if cid in self._malformed:
+                raise _Bad("malformed", f"{where}: in-context example {cid!r} {self._malformed[cid]}")
+            example = self._entries.get(cid)
+            if example is None:
+                raise _Bad("unknown_context_id", f"{source}: record {rid!r}: in-context id {cid!r} is not in {self.instructions_path}")
+            if not example.answer:
+                raise _Bad("empty_answer", f"{where}: in-context example {cid!r} has an empty answer")
+        if self.uses_media:
+            self._check_media(rid, rid, entry)
+            if self.context_mode == "per_example":
+                for cid in kept:
+                    self._check_media(rid, cid, self._entries[cid])
+        return kept
+
+    def _check_media(self, rid: str, owner: str, entry: _Entry) -> None:
+        about = f"record {rid!r}" if owner == rid else f"record {rid!r}: in-context example {owner!r}"
+        if not entry.image_ids:
+            raise _Bad("missing_image_id", f"{self.instructions_path}: {about} has no image_ids (group {self.group})")
+        assert self.images is not None
+        for image_id in entry.image_ids:
+            if image_id not in self.images:
+                raise _Bad("missing_image_id", f"{self.instructions_path}: {about}: image id {image_id!r} is not in {self.images_path}")
+
+    # ----------------------------------------------------------------------------------- access
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> Record:
+        n = len(self._items)
+        if not -n <= index < n:
+            raise IndexError(index)
+        index %= n
+        for step in range(n):
+            j = (index + step) % n
+            if self._bad[j]:
+                continue
+            try:
+                return self._build(j)
+            except ImageStoreError as error:
+                rid = self._items[j][0]
+                if self.fail:
+                    raise VlmkitError(f"{error} (record {rid!r}; mimicit on_error: fail)") from None
+                self._bad[j] = 1
+        raise VlmkitError(f"mimicit: no image of {self.images_path} decodes; {self.summary()}")
+
+    def _build(self, j: int) -> Record:
+        rid, context_ids = self._items[j]
+        entry = self._entries[rid]
+        cache: dict[str, Any] = {}
+        context = []
+        per_example = self.uses_media and self.context_mode == "per_example"
+        for cid in context_ids:
+            example = self._entries[cid]
+            media = self._media(example.image_ids, cache) if per_example else []
+            context.append(_exchange(cid, example, media))
+        query = _exchange(rid, entry, self._media(entry.image_ids, cache) if self.uses_media else [])
+        shared = self.uses_media and self.context_mode == "same_media" and bool(context)
+        return Record(id=rid, group=self.group, query=query, context=context, shared_media=shared)
+
+    def _media(self, image_ids: tuple[str, ...], cache: dict[str, Any]) -> list[Media]:
+        def image(image_id: str) -> Any:
+            if image_id not in cache:
+                cache[image_id] = self.images.get(image_id)  # type: ignore[union-attr]
+            return cache[image_id]
+
+        if self.group == "VIDEO_TEXT":
+            frames = resample_frames(image_ids, self.config.num_frames)
+            return [Media(id=_clip_id(image_ids), frames=[image(f) for f in frames])]
+        return [Media(id=i, frames=[image(i)]) for i in image_ids]
+
+    # ---------------------------------------------------------------------------------- reports
+    def error_report(self) -> dict[str, list[str]]:
+        """Kind of problem -> ids of the records skipped for it (kinds in :data:`ERROR_KINDS`
+        order), those dropped at construction and those found undecodable so far."""
+        report = {kind: list(ids) for kind, ids in self._skipped.items()}
+        bad = [self._items[j][0] for j in range(len(self._items)) if self._bad[j]]
+        if bad:
+            report["bad_image"] = report.get("bad_image", []) + bad
+        return {kind: report[kind] for kind in ERROR_KINDS if kind in report}
+
+    def summary(self, max_ids: int = 5) -> str:
+        """One line for the end of an epoch: ``"mimicit X_instructions.json: skipped N records
+        (kind n, ...): first ids a, b, ..."``; ``""`` when nothing was skipped."""
+        report = self.error_report()
+        total = sum(len(ids) for ids in report.values())
+        if not total:
+            return ""
+        kinds = ", ".join(f"{kind} {len(ids)}" for kind, ids in report.items())
+        first = [rid for ids in report.values() for rid in ids][:max_ids]
+        more = ", ..." if total > len(first) else ""
+        noun = "record" if total == 1 else "records"
+        return f"mimicit {self.instructions_path.name}: skipped {total} {noun} ({kinds}): first ids {', '.join(first)}{more}"
+
+    # ---------------------------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        from multiprocessing.context import get_spawning_popen
+
+        if get_spawning_popen() is None:  # not starting a worker: a plain copy of the marks
+            state["_bad"] = bytearray(bytes(self._bad))
+        return state
+
+
+def _exchange(rid: str, entry: _Entry, media: list[Media]) -> Exchange:
+    return Exchange(turns=[Turn("user", entry.instruction), Turn("assistant", entry.answer)], media=media, id=rid)
