@@ -13,7 +13,7 @@ from tiny import resolved_toy
 from vlmkit.connectors.mlp import LinearProjector, MLPConfig, MLPProjector
 from vlmkit.core.compose import build_model
 from vlmkit.core.data.collate import IGNORE, Collator
-from vlmkit.core.data.toy import ToyCaptions, ToyCaptionsConfig
+from tiny import ToyCaptions, ToyCaptionsConfig  # rendered with llava_plain, as the toy recipe does
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import Sample
 from vlmkit.core.recipe.schema import StageTune
@@ -173,7 +173,8 @@ def test_collator_labels_cover_exactly_the_answer(model):
     labels = batch["labels"][0]
     trained = labels[labels != IGNORE].tolist()
     caption = _samples()[1].segments[1][0]
-    assert trained == tok(caption, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert caption.endswith("\n") and caption.startswith("a ")  # llava_plain: caption + separator, no EOS
+    assert trained == tok(caption, add_special_tokens=False)["input_ids"]
     q = model.placeholder_tokens()
     assert q == 16 and int((batch["input_ids"] == col.image_token_id).sum()) == q
     assert batch["vision_x"].shape == (1, 1, 1, 3, 32, 32)
@@ -331,7 +332,7 @@ def test_embedding_rows_new_tokens_vs_all(tmp_path, family):
         assert all(g["weight_decay"] == 0.0 for g in groups if any(p is tables[0] for p in g["params"]))
         opt = torch.optim.AdamW(groups, lr=1e-2)
         samples = _samples()
-        samples[1].segments = [("<image>", False), ("shape<|endofchunk|>", True)]
+        samples[1].segments = [("<image>", False), ("shape<|endofchunk|> done", True)]  # a token follows it
         batch = _collator(model)(samples)
         eoc = dec.tokenizer.convert_tokens_to_ids("<|endofchunk|>")
         assert int((batch["input_ids"] == eoc).sum()) == 1

@@ -11,7 +11,7 @@ from tiny import resolved_toy
 from vlmkit.connectors.mlp import MLPConfig, MLPProjector
 from vlmkit.core.compose import build_model
 from vlmkit.core.data.collate import Collator
-from vlmkit.core.data.toy import ToyCaptions, ToyCaptionsConfig
+from tiny import ToyCaptions, ToyCaptionsConfig  # rendered with llava_plain, as the toy recipe does
 from vlmkit.core.interfaces import Sample
 from vlmkit.core.recipe.schema import StageTune
 from vlmkit.core.tuning import apply_tuning

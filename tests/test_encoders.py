@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tiny import resolved_toy
 from vlmkit.core.compose import build_model
 from vlmkit.core.data.collate import Collator, image_to_tensor
-from vlmkit.core.data.toy import ToyCaptions, ToyCaptionsConfig
+from tiny import ToyCaptions, ToyCaptionsConfig  # rendered with llava_plain, as the toy recipe does
 from vlmkit.core.errors import RecipeError, VlmkitError
 from vlmkit.encoders import timm as timm_encoders
 from vlmkit.encoders.hf_vision import HFVisionEncoder, HFVisionEncoderConfig

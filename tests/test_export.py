@@ -18,7 +18,7 @@ from tiny import resolved_toy
 from vlmkit.core import export as export_mod
 from vlmkit.core.compose import build_model
 from vlmkit.core.data.collate import Collator
-from vlmkit.core.data.toy import ToyCaptions, ToyCaptionsConfig
+from tiny import ToyCaptions, ToyCaptionsConfig  # rendered with llava_plain, as the toy recipe does
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.export import export_model, load
 from vlmkit.core.tuning import apply_tuning

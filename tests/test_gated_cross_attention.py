@@ -17,7 +17,7 @@ from vlmkit.connectors.gated_cross_attention import (
 )
 from vlmkit.core.compose import build_model
 from vlmkit.core.data.collate import IGNORE, Collator
-from vlmkit.core.data.toy import ToyCaptions, ToyCaptionsConfig
+from tiny import ToyCaptions, ToyCaptionsConfig  # rendered with llava_plain, as the toy recipe does
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import Sample
 from vlmkit.decoders.hf_causal_lm import HFCausalLM, HFCausalLMConfig

@@ -12,7 +12,7 @@ from tiny import resolved_toy
 from vlmkit.connectors.perceiver import PerceiverConfig, PerceiverResampler
 from vlmkit.core.compose import build_model
 from vlmkit.core.data.collate import Collator
-from vlmkit.core.data.toy import ToyCaptions, ToyCaptionsConfig
+from tiny import ToyCaptions, ToyCaptionsConfig  # rendered with llava_plain, as the toy recipe does
 from vlmkit.core.errors import RecipeError, VlmkitError
 from vlmkit.core.interfaces import Sample
 

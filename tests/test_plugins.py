@@ -152,6 +152,16 @@ BUILTINS = [  # registry.yaml order, grouped by kind as the hooks register them
     ("fusion", "gated_cross_attention"),
     ("decoder", "hf_causal_lm"),
     ("dataset", "toy_captions"),
+    ("dataset", "mimicit"),
+    ("dataset", "llava"),
+    ("dataset", "captions"),
+    ("dataset", "text_only"),
+    ("template", "otter"),
+    ("template", "llava_plain"),
+    ("template", "vicuna_v1"),
+    ("template", "mplug_owl"),
+    ("template", "lcl"),
+    ("template", "chat_template"),
 ]
 
 

@@ -14,7 +14,7 @@ from tiny import resolved_toy
 from vlmkit.connectors.qformer import QFormer, QFormerConfig
 from vlmkit.core.compose import build_model
 from vlmkit.core.data.collate import Collator
-from vlmkit.core.data.toy import ToyCaptions, ToyCaptionsConfig
+from tiny import ToyCaptions, ToyCaptionsConfig  # rendered with llava_plain, as the toy recipe does
 from vlmkit.core.errors import VlmkitError
 
 

@@ -219,6 +219,16 @@ CASES = [
     Case("set-unknown-option", at("model.connector.num_latents"), ["unknown field 'num_latents'"],
          overrides=["model.connector.num_latents=32"]),
     Case("set-stage-by-name", at("stages.0.lr"), ["greater than 0", "(got -1)"], overrides=["stages.align.lr=-1"]),
+    # ---- templates and dataset mixing
+    Case("template-name", at("data.shapes.template"), ["unknown template 'llava_plane'", "did you mean 'llava_plain'?"],
+         setp("data.shapes.template", "llava_plane")),
+    Case("template-mapping-name", at("data.shapes.template.name"), ["unknown template 'otr'", "did you mean 'otter'?"],
+         setp("data.shapes.template", {"name": "otr"})),
+    Case("template-option-typo", at("data.shapes.template.separtor"), ["unknown field 'separtor'", "did you mean 'separator'?"],
+         setp("data.shapes.template", {"name": "llava_plain", "separtor": " "})),
+    Case("mix-weights-without-weight", at("data.shapes.weight"), ["mixes by weights", "stages.0.mix"],
+         setp("stages.0.mix", "weights")),
+    Case("max-length-zero", at("stages.0.max_length"), ["greater than 0"], setp("stages.0.max_length", 0)),
 ]
 
 

@@ -26,3 +26,28 @@ def resolved_toy(tmp_path: Path, mutate=None, profile: str | None = "smoke", reg
     if mutate is not None:
         mutate(data)
     return load_recipe(write_recipe(tmp_path, data), profile=profile, registry=registry)
+
+
+class ToyCaptions:
+    """The toy_captions dataset rendered as its recipe renders it (llava_plain): index -> Sample."""
+
+    def __init__(self, config):
+        from vlmkit.core.data.templates.llava import LlavaPlainTemplate
+        from vlmkit.core.data.toy import ToyCaptions as Records
+        from vlmkit.decoders.byte_tokenizer import byte_level_tokenizer
+
+        self.records = Records(config)
+        self.template = LlavaPlainTemplate(LlavaPlainTemplate.Config())
+        self.tokenizer = byte_level_tokenizer()
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        return self.template.render(self.records[index], self.tokenizer)
+
+
+def ToyCaptionsConfig(**kwargs):  # noqa: N802 - mirrors the dataset's config class
+    from vlmkit.core.data.toy import ToyCaptionsConfig as Config
+
+    return Config(**kwargs)

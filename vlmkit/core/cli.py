@@ -56,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="resume the folder's checkpoints even if the recipe changed (a folder with checkpoints of "
                         "the same recipe is resumed without it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p = sub.add_parser("data", parents=[common], help="data sets: generate the demo data")
+    data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    p = data_sub.add_parser("demo", parents=[common],
+                            help="write the generated demo data (MIMIC-IT, captions, held-out split)")
+    p.add_argument("--out", type=Path, help="folder to write (default: the per-user cache, written once)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files (default 0)")
+    p.add_argument("--size", default="small", choices=("tiny", "small", "medium"), help="how much (default small)")
     return parser
 
 
@@ -173,6 +180,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from vlmkit.core.data import demo
+
+    if args.out is None:
+        out = demo.demo_data_dir(args.seed, args.size)
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    else:
+        out = args.out
+        manifest = demo.write_demo_data(out, seed=args.seed, size=args.size)
+    print(demo.summary(manifest, out))
+    return 0
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -185,6 +205,7 @@ COMMANDS = {
     "plugins": cmd_plugins,
     "schema": cmd_schema,
     "run": cmd_run,
+    "data": cmd_data,
 }
 
 

@@ -23,6 +23,8 @@ class VisionLanguageModel(nn.Module):
         self.connector = connector
         self.fusion = fusion
         self.decoder = decoder
+        #: dataset alias -> the chat template that renders it (from the recipe's data section)
+        self.templates: dict[str, Any] = {}
 
     @property
     def component_names(self) -> tuple[str, ...]:
@@ -110,4 +112,10 @@ def build_model(resolved: ResolvedRecipe, registry: Any = None) -> VisionLanguag
         fusion.attach(decoder, connector.width_out)
     except VlmkitError as exc:
         raise VlmkitError(f"{exc} (connector '{conn_name}', decoder '{dec_name}')") from None
-    return VisionLanguageModel(encoder, connector, fusion, decoder)
+    model = VisionLanguageModel(encoder, connector, fusion, decoder)
+    # the datasets' chat templates, and the special tokens they write (after the fusion's <image>)
+    for alias, spec in getattr(resolved, "templates", {}).items():
+        template = registry.component_class("template", spec.name)(spec.config)
+        decoder.add_special_tokens(list(template.special_tokens))
+        model.templates[alias] = template
+    return model

@@ -1,7 +1,8 @@
 """``toy_captions``: generated images of one coloured shape each, captioned "a red circle".
 
-Deterministic from ``seed``; used by the smoke recipes and the tests. The caption is the trained
-segment (llava_plain style: ``<image>`` then the caption)."""
+Deterministic from ``seed``; used by the smoke recipes and the tests. Each record is a CAPTION
+exchange (a fixed request, the caption as the answer) about one image; ``llava_plain`` renders it
+as ``<image>`` then the caption, the caption trained."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import random
 from PIL import Image, ImageDraw
 from pydantic import Field, PositiveInt
 
-from vlmkit.core.interfaces import Dataset, DatasetConfig, Sample
+from vlmkit.core.data.records import Exchange, Media, Record, Turn
+from vlmkit.core.interfaces import Dataset, DatasetConfig
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -40,7 +42,13 @@ class ToyCaptions(Dataset):
         colour = rng.choice(sorted(COLOURS))
         shape = rng.choice(SHAPES)
         image = draw_shape(self.config.image_size, colour, shape, rng)
-        return Sample(id=f"toy-{index:05d}", images=[image], segments=[("<image>", False), (f"a {colour} {shape}", True)])
+        rid = f"toy-{index:05d}"
+        return Record(
+            id=rid,
+            group="CAPTION",
+            query=Exchange([Turn("user", "Describe the image."), Turn("assistant", f"a {colour} {shape}")],
+                           media=[Media(rid, [image])]),
+        )
 
 
 def draw_shape(size: int, colour: str, shape: str, rng: random.Random) -> Image.Image:

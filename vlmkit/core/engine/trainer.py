@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from vlmkit.core.compose import IMAGE_TOKEN, VisionLanguageModel, build_model
 from vlmkit.core.data.collate import IGNORE, Collator
+from vlmkit.core.data.rendered import RenderedDataset
 from vlmkit.core.engine.optim import build_optimizer, build_scheduler, param_groups, total_steps
 from vlmkit.core.engine.sampler import StageBatchSampler
 from vlmkit.core.engine.state import (
@@ -132,15 +133,15 @@ class Engine:
             model.decoder.enable_gradient_checkpointing()
         model.to(self.accelerator.device)
         self.datasets = {
-            alias: self.registry.component_class("dataset", spec.name)(spec.config)
+            alias: RenderedDataset(
+                self.registry.component_class("dataset", spec.name)(spec.config),
+                model.templates.get(alias),
+                model.decoder.tokenizer,
+                alias,
+            )
             for alias, spec in self.resolved.datasets.items()
         }
-        self.collator = Collator(
-            tokenizer=model.decoder.tokenizer,
-            preprocess=model.encoder.preprocess,
-            image_token=IMAGE_TOKEN,
-            placeholder_tokens=model.placeholder_tokens(),
-        )
+        self.model = model
         stages = self.recipe.stages
         results: list[StageResult] = []
         start, mid_stage = 0, None
@@ -203,11 +204,20 @@ class Engine:
             raise VlmkitError(f"{label}.tune: stage '{stage.name}' trains no parameters; set some component to full, lora or partial")
         self._report(stage.name, report)
         optimizer = build_optimizer(groups, stage)
-        data = ConcatDataset([self.datasets[a] for a in stage.data])
+        parts = [self.datasets[a] for a in stage.data]
+        data = ConcatDataset(parts)
         consumed = state.trainer.consumed if state else 0
+        weights = [self.recipe.data[a].weight for a in stage.data] if stage.mix == "weights" else None
         sampler = StageBatchSampler(
-            len(data), stage.batch_size, seed=self.recipe.seed, stage_index=k,
-            rank=acc.process_index, world_size=acc.num_processes, start=consumed, where=label,
+            [len(p) for p in parts], stage.batch_size, seed=self.recipe.seed, stage_index=k, weights=weights,
+            rank=acc.process_index, world_size=acc.num_processes, start=consumed, where=label, names=list(stage.data),
+        )
+        collator = Collator(
+            tokenizer=model.decoder.tokenizer,
+            preprocess=model.encoder.preprocess,
+            image_token=IMAGE_TOKEN,
+            placeholder_tokens=model.placeholder_tokens,
+            max_length=stage.max_length,
         )
         total = total_steps(stage, sampler.batches_per_epoch)
         scheduler = build_scheduler(optimizer, stage, total)
@@ -232,7 +242,7 @@ class Engine:
             if comp in model.component_names and counts["trainable"] == 0:
                 getattr(model, comp).eval()
         loader = DataLoader(
-            data, batch_sampler=sampler, collate_fn=self.collator, num_workers=self.recipe.run.num_workers,
+            data, batch_sampler=sampler, collate_fn=collator, num_workers=self.recipe.run.num_workers,
             generator=torch.Generator(),  # never draw from the global generator (exact resume)
         )
         batches = iter(loader)
@@ -245,6 +255,8 @@ class Engine:
             while step < total:
                 t0 = time.perf_counter()
                 micro = [next(batches) for _ in range(stage.grad_accum)]
+                if (consumed + stage.grad_accum) // sampler.batches_per_epoch > consumed // sampler.batches_per_epoch:
+                    self._data_report(stage, parts, collator)  # an epoch ended
                 consumed += stage.grad_accum
                 loss_value, n_samples = self._step(wrapped, stage, micro, step, scaler, optimizer, trainable)
                 scheduler.step()
@@ -276,8 +288,24 @@ class Engine:
                                      "run the same command again to resume") from None
             raise RunInterrupted(f"interrupted at stage '{stage.name}' step {step}; run the same command again to resume") from None
         bar.close()
+        self._data_report(stage, parts, collator)
         checkpoint = self._save(model, optimizer, scheduler, scaler, k, step, consumed, True)
         return StageResult(stage.name, step, losses, checkpoint)
+
+    def _data_report(self, stage: StageSpec, parts: list[RenderedDataset], collator: Collator) -> None:
+        """What the data pipeline skipped or shortened in this stage (bad records, long samples)."""
+        if not self.main:
+            return
+        lines = [f"{p.alias}: {p.summary()}" for p in parts if p.summary()]
+        stats = collator.stats
+        if stats.get("dropped_examples") or stats.get("dropped_samples"):
+            line = (f"max_length {stage.max_length}: {stats.get('truncated_samples', 0)} samples lost "
+                    f"{stats.get('dropped_examples', 0)} in-context examples")
+            if stats.get("dropped_samples"):
+                line += f"; {stats['dropped_samples']} samples left out (e.g. {', '.join(collator.dropped_ids)})"
+            lines.append(line)
+        for line in lines:
+            tqdm.write(f"stage {stage.name} data: {line}")
 
     def _step(
         self, wrapped: Any, stage: StageSpec, micro: list[dict[str, Any]], step: int,

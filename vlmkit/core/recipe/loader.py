@@ -76,6 +76,7 @@ class ResolvedRecipe:
     source: str
     profile: str | None = None
     overrides: list[str] = field(default_factory=list)
+    templates: dict[str, BuiltComponentSpec] = field(default_factory=dict)  # dataset alias -> its template
 
     def to_yaml(self) -> str:
         header = f"# resolved from {self.source}"
@@ -213,10 +214,21 @@ def validate_mapping(
         if built is not None:
             components[kind] = built
     datasets: dict[str, BuiltComponentSpec] = {}
+    templates: dict[str, BuiltComponentSpec] = {}
     for alias, dspec in recipe.data.items():
         built = _validate_component(registry, "dataset", dspec.type, dspec.options(), ("data", alias), problems, key="type")
         if built is not None:
             datasets[alias] = built
+        tspec = dspec.template_spec()
+        if tspec is not None:
+            # a bare name is reported at data.<alias>.template, a mapping at data.<alias>.template.name
+            bare = isinstance(dspec.template, str)
+            loc = ("data", alias) if bare else ("data", alias, "template")
+            tbuilt = _validate_component(
+                registry, "template", tspec.name, tspec.options(), loc, problems, key="template" if bare else "name"
+            )
+            if tbuilt is not None:
+                templates[alias] = tbuilt
     seen_stages: dict[str, int] = {}
     for i, stage in enumerate(recipe.stages):
         if stage.name in seen_stages:
@@ -234,7 +246,15 @@ def validate_mapping(
         )
     if problems:
         raise RecipeError(label, problems)
-    return ResolvedRecipe(recipe, components, datasets, data, source or label, profile, list(overrides))
+    for i, stage in enumerate(recipe.stages):
+        if stage.mix == "weights":
+            for j, alias in enumerate(stage.data):
+                if alias in recipe.data and recipe.data[alias].weight is None:
+                    problems.append(f"data.{alias}.weight: stage '{stage.name}' mixes by weights (stages.{i}.mix) but "
+                                    f"dataset '{alias}' has no weight")
+    if problems:
+        raise RecipeError(label, problems)
+    return ResolvedRecipe(recipe, components, datasets, data, source or label, profile, list(overrides), templates)
 
 
 def _unparsed_component_problems(registry: Any, data: dict[str, Any]) -> list[str]:
@@ -249,7 +269,8 @@ def _unparsed_component_problems(registry: Any, data: dict[str, Any]) -> list[st
     problems: list[str] = []
     for kind, loc, spec, key in sections:
         if isinstance(spec, dict) and isinstance(spec.get(key), str):
-            options = {k: v for k, v in spec.items() if k != key}
+            reserved = {key} | ({"template", "weight"} if kind == "dataset" else set())
+            options = {k: v for k, v in spec.items() if k not in reserved}
             _validate_component(registry, kind, spec[key], options, loc, problems, key=key)
     return problems
 

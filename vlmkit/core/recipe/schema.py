@@ -46,11 +46,23 @@ class ModelSpec(Strict):
 
 
 class DatasetSpec(BaseModel):
-    """``{type: <registered dataset type>, <its options>}``."""
+    """``{type: <registered dataset type>, template: <chat template>, weight: w, <its options>}``."""
 
     model_config = ConfigDict(extra="allow")
 
     type: str = Field(description="registered dataset type (see `recipes components dataset`)")
+    template: str | ComponentSpec | None = Field(
+        None, description="chat template that renders its records (a name or {name: ..., options}); "
+        "required for datasets of conversations"
+    )
+    weight: PositiveFloat | None = Field(
+        None, description="relative sampling weight when a stage mixes datasets with mix: weights"
+    )
+
+    def template_spec(self) -> ComponentSpec | None:
+        if isinstance(self.template, str):
+            return ComponentSpec(name=self.template)
+        return self.template
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -133,6 +145,13 @@ class StageSpec(Strict):
     max_grad_norm: PositiveFloat | None = 1.0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     log_every: PositiveInt = 1
+    mix: Literal["size", "weights"] = Field(
+        "size", description="with several datasets, each micro-batch comes from one of them, drawn in "
+        "proportion to their sizes or to their `weight`"
+    )
+    max_length: PositiveInt | None = Field(
+        None, description="tokens per sample; longer samples lose in-context examples from the front"
+    )
 
     @model_validator(mode="after")
     def _length(self) -> "StageSpec":
