@@ -32,5 +32,8 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+bench: setup
+	$(BIN)/python benchmarks/parquet_memory.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -144,7 +144,39 @@ def resolve_mapping(
     for text in overrides:
         path_parts, value = parse_override(text)
         apply_override(data, path_parts, value, text)
+    if isinstance(data.get("data"), dict):
+        data["data"] = _expand_placeholders(data["data"], path.parent, source, ("data",))
     return data, source, chosen
+
+
+_PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
+PLACEHOLDERS = ("recipe_dir", "demo_data")
+
+
+def _expand_placeholders(node: Any, recipe_dir: Path, source: str, loc: tuple[str, ...]) -> Any:
+    """``${recipe_dir}`` (the recipe file's folder) and ``${demo_data}`` (the demo MIMIC-IT data in
+    the user's cache, written on first use) inside the data section's strings."""
+    if isinstance(node, dict):
+        return {k: _expand_placeholders(v, recipe_dir, source, (*loc, str(k))) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_placeholders(v, recipe_dir, source, (*loc, str(i))) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def value(match: re.Match) -> str:
+        name = match.group(1)
+        if name == "recipe_dir":
+            return str(recipe_dir)
+        if name == "demo_data":
+            from vlmkit.core.data.demo import demo_data_dir
+
+            return str(demo_data_dir())
+        raise RecipeError(
+            source, [f"{'.'.join(loc)}: unknown placeholder '${{{name}}}'{suggest(name, PLACEHOLDERS)} "
+                     f"allowed: {', '.join('${' + p + '}' for p in PLACEHOLDERS)}"]
+        )
+
+    return _PLACEHOLDER.sub(value, node)
 
 
 def load_recipe(
