@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, PositiveInt
 
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
+from vlmkit.core.data.skips import skip_summary
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import Dataset, DatasetConfig
 
@@ -191,15 +192,7 @@ class JsonRecords(Dataset):
     def summary(self, max_ids: int = 5) -> str:
         """One line: ``"captions captions.json: skipped 2 records (missing_image 1, empty_answer
         1): first ids a, b"``; ``""`` when nothing was skipped."""
-        report = self.error_report()
-        total = sum(len(ids) for ids in report.values())
-        if not total:
-            return ""
-        kinds = ", ".join(f"{kind} {len(ids)}" for kind, ids in report.items())
-        first = [rid for ids in report.values() for rid in ids][:max_ids]
-        more = ", ..." if total > len(first) else ""
-        noun = "record" if total == 1 else "records"
-        return f"{self.type_name} {self.path.name}: skipped {total} {noun} ({kinds}): first ids {', '.join(first)}{more}"
+        return skip_summary(f"{self.type_name} {self.path.name}", self.error_report(), max_ids)
 
     # -------------------------------------------------------------------------------------- access
     def __len__(self) -> int:

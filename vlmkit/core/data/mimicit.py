@@ -39,6 +39,7 @@ from pydantic import NonNegativeInt, PositiveInt
 
 from vlmkit.core.data.images import ImageStoreError, JsonImages, ParquetImages, open_image_store
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
+from vlmkit.core.data.skips import skip_summary
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import Dataset, DatasetConfig
 
@@ -337,15 +338,7 @@ class MimicIT(Dataset):
     def summary(self, max_ids: int = 5) -> str:
         """One line for the end of an epoch: ``"mimicit X_instructions.json: skipped N records
         (kind n, ...): first ids a, b, ..."``; ``""`` when nothing was skipped."""
-        report = self.error_report()
-        total = sum(len(ids) for ids in report.values())
-        if not total:
-            return ""
-        kinds = ", ".join(f"{kind} {len(ids)}" for kind, ids in report.items())
-        first = [rid for ids in report.values() for rid in ids][:max_ids]
-        more = ", ..." if total > len(first) else ""
-        noun = "record" if total == 1 else "records"
-        return f"mimicit {self.instructions_path.name}: skipped {total} {noun} ({kinds}): first ids {', '.join(first)}{more}"
+        return skip_summary(f"mimicit {self.instructions_path.name}", self.error_report(), max_ids)
 
     # ---------------------------------------------------------------------------------- pickling
     def __getstate__(self) -> dict:
