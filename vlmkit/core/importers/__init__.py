@@ -1,0 +1,1 @@
+"""Importers of other frameworks' checkpoints into composed vlmkit models."""
