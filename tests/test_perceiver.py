@@ -20,21 +20,8 @@ of_helpers = pytest.importorskip("open_flamingo.src.helpers")
 
 TINY = dict(num_latents=5, depth=2, heads=3, dim_head=8, ff_mult=2)
 
-# OpenFlamingo key -> vlmkit key
-_KEY_MAP = [
-    (r"^latents$", "latents"),
-    (r"^frame_embs$", "frame_embeddings"),
-    (r"^media_time_embs$", "media_time_embeddings"),
-    (r"^layers\.(\d+)\.0\.norm_media\.(weight|bias)$", r"layers.\1.attn.norm_media.\2"),
-    (r"^layers\.(\d+)\.0\.norm_latents\.(weight|bias)$", r"layers.\1.attn.norm_latents.\2"),
-    (r"^layers\.(\d+)\.0\.to_q\.weight$", r"layers.\1.attn.q.weight"),
-    (r"^layers\.(\d+)\.0\.to_kv\.weight$", r"layers.\1.attn.kv.weight"),
-    (r"^layers\.(\d+)\.0\.to_out\.weight$", r"layers.\1.attn.out.weight"),
-    (r"^layers\.(\d+)\.1\.0\.(weight|bias)$", r"layers.\1.ff.norm.\2"),
-    (r"^layers\.(\d+)\.1\.1\.weight$", r"layers.\1.ff.up.weight"),
-    (r"^layers\.(\d+)\.1\.3\.weight$", r"layers.\1.ff.down.weight"),
-    (r"^norm\.(weight|bias)$", r"norm.\1"),
-]
+# OpenFlamingo key -> vlmkit key: the importer's table
+from vlmkit.core.importers.openflamingo import PERCEIVER_KEYS as _KEY_MAP  # noqa: E402
 
 
 def _map_key(key: str) -> str:

@@ -56,8 +56,8 @@ IGNORED: list[tuple[str, str]] = [
     ),
 ]
 
-# perceiver.<OF name> -> connector.<vlmkit name>
-_PERCEIVER = [
+# perceiver.<OF name> -> connector.<vlmkit name> (also used by the perceiver's parity test)
+PERCEIVER_KEYS = [
     (r"^latents$", "latents"),
     (r"^frame_embs$", "frame_embeddings"),
     (r"^media_time_embs$", "media_time_embeddings"),
@@ -110,7 +110,7 @@ def _target(key: str, layers_path: str, layer_indices: list[int]) -> str | None:
     """The vlmkit name of OpenFlamingo key ``key`` (``module.`` already stripped), None if unknown."""
     if key.startswith("perceiver."):
         sub = key.removeprefix("perceiver.")
-        for pattern, repl in _PERCEIVER:
+        for pattern, repl in PERCEIVER_KEYS:
             if re.match(pattern, sub):
                 return "connector." + re.sub(pattern, repl, sub)
         return None
