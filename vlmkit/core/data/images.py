@@ -20,6 +20,8 @@ The stores can be pickled (DataLoader workers) and reopen their file in each pro
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import base64
 import binascii
 import io
@@ -137,16 +139,18 @@ def decode_image(data: str | bytes, image_id: str, source: str | os.PathLike = "
         raise ImageDecodeError(image_id, source, reason) from error
 
 
-class _Store:
+class _Store(ABC):
     """Common surface of the stores: ``ids()``, ``in``, ``len``, ``get(id)``, ``[id]``."""
 
     path: Path
 
+    @abstractmethod
     def ids(self) -> list[str]:
-        raise NotImplementedError
+        """Every image id, in file order."""
 
+    @abstractmethod
     def get(self, image_id: str) -> Image.Image:
-        raise NotImplementedError
+        """The decoded RGB image of ``image_id``."""
 
     def __getitem__(self, image_id: str) -> Image.Image:
         return self.get(image_id)

@@ -19,8 +19,9 @@ the file and the record id.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import json
-import multiprocessing
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, PositiveInt
 
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
-from vlmkit.core.data.skips import skip_summary
+from vlmkit.core.data.skips import SkippingReads, skip_summary
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import Dataset, DatasetConfig
 
@@ -75,7 +76,7 @@ class CaptionsConfig(ImageDataConfig):
 
 
 # ---------------------------------------------------------------------------------------------- base
-class JsonRecords(Dataset):
+class JsonRecords(SkippingReads, Dataset):
     """Shared loading, validation and error policy of the JSON readers.
 
     A subclass implements :meth:`_parse` (one JSON entry -> a prepared item or :class:`_Bad`) and
@@ -118,7 +119,7 @@ class JsonRecords(Dataset):
             raise VlmkitError(f"{self.path}: no usable {self.type_name} records; {self.summary() or 'it is empty'}")
         # records whose image is missing or unreadable, marked by __getitem__ with 1 + the index
         # of the problem in PROBLEMS; shared memory, so DataLoader workers' marks reach the parent
-        self._bad: Any = multiprocessing.RawArray("b", len(self._items))
+        self._init_marks(len(self._items))
 
     # ---------------------------------------------------------------------------------------- reading
     def _entries(self) -> Iterator[tuple[int, Any]]:
@@ -154,11 +155,13 @@ class JsonRecords(Dataset):
             return str(entry["id"])
         return f"#{position}"
 
-    def _parse(self, entry: dict[str, Any]) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _parse(self, entry: dict[str, Any]) -> Any:
+        """One file entry -> the item kept for it (raises ``_Bad`` for a bad record)."""
 
-    def _record(self, rid: str, item: Any) -> Record:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _record(self, rid: str, item: Any) -> Record:
+        """A kept item -> its record, images read now (raises ``_Bad`` for a missing image)."""
 
     def _load_image(self, relative: str) -> Any:
         from PIL import Image, UnidentifiedImageError
@@ -199,30 +202,18 @@ class JsonRecords(Dataset):
         return len(self._items)
 
     def __getitem__(self, index: int) -> Record:
-        n = len(self._items)
-        if not -n <= index < n:
-            raise IndexError(index)
-        index %= n
-        for step in range(n):
-            j = (index + step) % n
-            if self._bad[j]:
-                continue
-            rid, item = self._items[j]
-            try:
-                return self._record(rid, item)
-            except _Bad as bad:
-                if self._fail:
-                    self._problem(bad, rid)  # raises
-                self._bad[j] = PROBLEMS.index(bad.kind) + 1
-        raise VlmkitError(f"{self.path}: no {self.type_name} record has a readable image; {self.summary()}")
+        def build(j: int) -> Record:
+            return self._record(*self._items[j])
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        from multiprocessing.context import get_spawning_popen
+        def mark(j: int, bad: BaseException) -> int:
+            if self._fail:
+                self._problem(bad, self._items[j][0])  # raises
+            return PROBLEMS.index(bad.kind) + 1
 
-        if get_spawning_popen() is None:  # not starting a worker: a plain copy of the marks
-            state["_bad"] = bytearray(bytes(self._bad))
-        return state
+        record = self._first_good(index, build, (_Bad,), mark)
+        if record is None:
+            raise VlmkitError(f"{self.path}: no {self.type_name} record has a readable image; {self.summary()}")
+        return record
 
     def ids(self) -> list[str]:
         """The ids of the usable records, in order."""

@@ -29,7 +29,6 @@ process's report includes what its workers skipped.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import re
 from pathlib import Path
@@ -39,7 +38,7 @@ from pydantic import NonNegativeInt, PositiveInt
 
 from vlmkit.core.data.images import ImageStoreError, JsonImages, ParquetImages, open_image_store
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
-from vlmkit.core.data.skips import skip_summary
+from vlmkit.core.data.skips import SkippingReads, skip_summary
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import Dataset, DatasetConfig
 
@@ -156,7 +155,7 @@ def _ids(value: Any) -> tuple[str, ...] | None:
     return None
 
 
-class MimicIT(Dataset):
+class MimicIT(SkippingReads, Dataset):
     """MIMIC-IT on disk (instructions JSON, JSON or parquet images, train config) with in-context
     examples; yields :class:`Record` s."""
 
@@ -202,7 +201,7 @@ class MimicIT(Dataset):
             raise VlmkitError(f"mimicit: {self.instructions_path} has no usable records; {self.summary() or 'it is empty'}")
         # records whose images fail to decode, marked in __getitem__; shared memory, so the marks of
         # DataLoader workers reach the parent's error_report()
-        self._bad: Any = multiprocessing.RawArray("b", len(self._items))
+        self._init_marks(len(self._items))
 
     # ---------------------------------------------------------------------------------- indexing
     def _load_instructions(self) -> list[str]:
@@ -283,22 +282,15 @@ class MimicIT(Dataset):
         return len(self._items)
 
     def __getitem__(self, index: int) -> Record:
-        n = len(self._items)
-        if not -n <= index < n:
-            raise IndexError(index)
-        index %= n
-        for step in range(n):
-            j = (index + step) % n
-            if self._bad[j]:
-                continue
-            try:
-                return self._build(j)
-            except ImageStoreError as error:
-                rid = self._items[j][0]
-                if self.fail:
-                    raise VlmkitError(f"{error} (record {rid!r}; mimicit on_error: fail)") from None
-                self._bad[j] = 1
-        raise VlmkitError(f"mimicit: no image of {self.images_path} decodes; {self.summary()}")
+        def mark(j: int, error: BaseException) -> int:
+            if self.fail:
+                raise VlmkitError(f"{error} (record {self._items[j][0]!r}; mimicit on_error: fail)") from None
+            return 1
+
+        record = self._first_good(index, self._build, (ImageStoreError,), mark)
+        if record is None:
+            raise VlmkitError(f"mimicit: no image of {self.images_path} decodes; {self.summary()}")
+        return record
 
     def _build(self, j: int) -> Record:
         rid, context_ids = self._items[j]
@@ -341,13 +333,6 @@ class MimicIT(Dataset):
         return skip_summary(f"mimicit {self.instructions_path.name}", self.error_report(), max_ids)
 
     # ---------------------------------------------------------------------------------- pickling
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        from multiprocessing.context import get_spawning_popen
-
-        if get_spawning_popen() is None:  # not starting a worker: a plain copy of the marks
-            state["_bad"] = bytearray(bytes(self._bad))
-        return state
 
 
 def _exchange(rid: str, entry: _Entry, media: list[Media]) -> Exchange:

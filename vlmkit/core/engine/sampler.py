@@ -95,20 +95,6 @@ class StageBatchSampler:
                 position += 1
             block += 1
 
-    def global_batch(self, consumed: int) -> list[int]:
-        """The global micro-batch number ``consumed`` (0-based over the stage), as concatenated indices."""
-        plan = StageBatchSampler.__new__(StageBatchSampler)
-        plan.__dict__.update(self.__dict__)
-        plan.start = consumed
-        d, n = next(plan._plan())
-        return self._batch(d, n).tolist()
-
-    def _batch(self, d: int, n: int) -> torch.Tensor:
-        per_epoch = self.sizes[d] // self.batch_size
-        epoch, pos = divmod(n, per_epoch)
-        order = self.epoch_order(d, epoch)
-        return order[pos * self.batch_size : (pos + 1) * self.batch_size] + self.offsets[d]
-
     def __iter__(self) -> Iterator[list[int]]:
         per_rank = self.batch_size // self.world_size
         cache: dict[tuple[int, int], torch.Tensor] = {}

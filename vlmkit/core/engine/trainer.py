@@ -141,7 +141,6 @@ class Engine:
             )
             for alias, spec in self.resolved.datasets.items()
         }
-        self.model = model
         stages = self.recipe.stages
         results: list[StageResult] = []
         start, mid_stage = 0, None
@@ -250,7 +249,6 @@ class Engine:
         bar = tqdm(total=total, initial=step, desc=f"stage {stage.name}", disable=not self.progress, dynamic_ncols=True)
         last_saved = step if state is not None else -1
         safe = (capture_rng(), consumed)  # generator states and data position after the last whole step
-        checkpoint = None
         try:
             while step < total:
                 t0 = time.perf_counter()
@@ -277,7 +275,7 @@ class Engine:
                 bar.update(1)
                 every = self.recipe.run.checkpoint_every
                 if every and step % every == 0 and step < total:
-                    checkpoint = self._save(model, optimizer, scheduler, scaler, k, step, consumed, False)
+                    self._save(model, optimizer, scheduler, scaler, k, step, consumed, False)
                     last_saved = step
         except KeyboardInterrupt:
             bar.close()

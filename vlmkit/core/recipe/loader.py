@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from vlmkit.core.errors import PluginError, RecipeError, VlmkitError, listing, suggest
 from vlmkit.core.recipe.merge import apply_override, deep_merge, parse_override
-from vlmkit.core.recipe.schema import COMPONENTS, Recipe
+from vlmkit.core.recipe.schema import COMPONENTS, ComponentSpec, DatasetSpec, Recipe
 from vlmkit.core.recipe.yaml_io import dump_yaml, read_yaml_mapping
 
 _PROFILE_FORBIDDEN = ("name", "extends", "profiles", "default_profile")
@@ -301,7 +301,7 @@ def _unparsed_component_problems(registry: Any, data: dict[str, Any]) -> list[st
     problems: list[str] = []
     for kind, loc, spec, key in sections:
         if isinstance(spec, dict) and isinstance(spec.get(key), str):
-            reserved = {key} | ({"template", "weight"} if kind == "dataset" else set())
+            reserved = set((DatasetSpec if kind == "dataset" else ComponentSpec).model_fields)  # not options
             options = {k: v for k, v in spec.items() if k not in reserved}
             _validate_component(registry, kind, spec[key], options, loc, problems, key=key)
     return problems

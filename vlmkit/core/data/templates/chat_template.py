@@ -64,7 +64,6 @@ class ChatTemplateConfig(TemplateConfig):
 
 class ChatTemplate(Template):
     Config: ClassVar[type[TemplateConfig]] = ChatTemplateConfig
-    special_tokens: ClassVar[tuple[str, ...]] = ("<image>",)
 
     def render(self, record: Any, tokenizer: Any) -> Sample:
         check_record(record, "chat_template")

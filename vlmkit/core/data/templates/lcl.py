@@ -72,7 +72,6 @@ class LCLConfig(TemplateConfig):
 
 class LCLTemplate(Template):
     Config: ClassVar[type[TemplateConfig]] = LCLConfig
-    special_tokens: ClassVar[tuple[str, ...]] = ("<image>",)
 
     def render(self, record: Any, tokenizer: Any) -> Sample:
         check_record(record, "lcl")

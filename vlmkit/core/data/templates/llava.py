@@ -60,7 +60,6 @@ class LlavaPlainConfig(TemplateConfig):
 
 class LlavaPlainTemplate(Template):
     Config: ClassVar[type[TemplateConfig]] = LlavaPlainConfig
-    special_tokens: ClassVar[tuple[str, ...]] = ("<image>",)
 
     def render(self, record: Any, tokenizer: Any) -> Sample:
         check_record(record, "llava_plain")
@@ -103,7 +102,6 @@ class VicunaV1Config(TemplateConfig):
 
 class VicunaV1Template(Template):
     Config: ClassVar[type[TemplateConfig]] = VicunaV1Config
-    special_tokens: ClassVar[tuple[str, ...]] = ("<image>",)
 
     def render(self, record: Any, tokenizer: Any) -> Sample:
         check_record(record, "vicuna_v1")

@@ -43,7 +43,6 @@ class MplugOwlConfig(TemplateConfig):
 
 class MplugOwlTemplate(Template):
     Config: ClassVar[type[TemplateConfig]] = MplugOwlConfig
-    special_tokens: ClassVar[tuple[str, ...]] = ("<image>",)
 
     def render(self, record: Any, tokenizer: Any) -> Sample:
         check_record(record, "mplug_owl")
