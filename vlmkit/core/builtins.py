@@ -18,7 +18,7 @@ class BuiltinComponent(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    kind: Literal["encoder", "connector", "fusion", "decoder", "dataset", "template"]
+    kind: Literal["encoder", "connector", "fusion", "decoder", "dataset", "template", "evaluator"]
     object: str = Field(pattern=r"^[\w.]+:[\w.]+$")
     summary: str
 
@@ -69,3 +69,8 @@ def register_datasets(register):
 @hookimpl
 def register_templates(register):
     _register("template", register)
+
+
+@hookimpl
+def register_evaluators(register):
+    _register("evaluator", register)

@@ -395,11 +395,33 @@ def _inject_adapters(model: nn.Module, configs: Any, config_path: Path) -> None:
 def load(path: str | Path, *, device: str | torch.device | None = None, registry: Any = None) -> nn.Module:
     """Rebuild the model of an export folder (see :func:`export_model`) with its trained weights, in
     eval mode, on ``device`` (default: CPU). The backbones its recipe names must be reachable."""
+    return load_with_recipe(path, device=device, registry=registry)[0]
+
+
+#: the recipe sections ``load_with_recipe`` may override: where data is read and how it is evaluated
+OVERRIDABLE = ("data", "eval")
+
+
+def find_export(path: str | Path) -> Path:
+    """An export folder, or a run folder's ``export/``."""
+    folder = Path(path).expanduser()
+    if (folder / EXPORT_JSON).is_file() or not (folder / "export").is_dir():
+        return folder
+    return folder / "export"
+
+
+def load_with_recipe(
+    path: str | Path, *, device: str | torch.device | None = None, registry: Any = None, overrides: list[str] = (),
+) -> tuple[nn.Module, Any]:
+    """:func:`load`, and the export's resolved recipe. ``path``: an export folder or a run folder
+    (its ``export/``). ``overrides``: ``--set`` style changes of the recipe's ``data`` and ``eval``
+    sections (e.g. to evaluate on other files); the model's own sections cannot change."""
     from vlmkit.core.compose import build_model
     from vlmkit.core.recipe.loader import validate_mapping
+    from vlmkit.core.recipe.merge import apply_override, parse_override
     from vlmkit.core.recipe.yaml_io import read_yaml_mapping
 
-    folder = Path(path).expanduser()
+    folder = find_export(path)
     if not folder.exists():
         raise VlmkitError(f"'{folder}': no such export folder")
     if not folder.is_dir():
@@ -422,7 +444,13 @@ def load(path: str | Path, *, device: str | torch.device | None = None, registry
     adapters_listed = _listed_keys(meta, ADAPTERS_FILE, meta_path)
 
     data = read_yaml_mapping(recipe_path)
-    resolved = validate_mapping(data, str(recipe_path), registry=registry, source=str(recipe_path))
+    for text in overrides:
+        parts, value = parse_override(text)
+        if parts[0] not in OVERRIDABLE:
+            raise VlmkitError(f"--set {text}: only the recipe's {' and '.join(OVERRIDABLE)} sections can change for an "
+                              f"exported model (its model and training are fixed by {recipe_path})")
+        apply_override(data, parts, value, text)
+    resolved = validate_mapping(data, str(recipe_path), registry=registry, source=str(recipe_path), overrides=list(overrides))
     model = build_model(resolved, registry)
     tok_meta = meta.get("tokenizer")
     if isinstance(tok_meta, dict) and isinstance(tok_meta.get("size"), int):
@@ -441,4 +469,4 @@ def load(path: str | Path, *, device: str | torch.device | None = None, registry
         _load_weights(folder / ADAPTERS_FILE, model, folder, adapters_listed, complete=set(injected))
     model.to(torch.device(device) if device is not None else torch.device("cpu"))
     model.eval()
-    return model
+    return model, resolved

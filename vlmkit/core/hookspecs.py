@@ -53,6 +53,10 @@ class VlmkitHookSpecs:
     def register_templates(self, register):
         """Register chat templates (:class:`vlmkit.core.interfaces.Template`)."""
 
+    @hookspec
+    def register_evaluators(self, register):
+        """Register evaluators (:class:`vlmkit.core.interfaces.Evaluator`)."""
+
 
 #: component kind -> hook name
 HOOK_FOR_KIND = {
@@ -62,5 +66,6 @@ HOOK_FOR_KIND = {
     "decoder": "register_decoders",
     "dataset": "register_datasets",
     "template": "register_templates",
+    "evaluator": "register_evaluators",
 }
 KINDS = tuple(HOOK_FOR_KIND)

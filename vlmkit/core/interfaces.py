@@ -35,6 +35,10 @@ __all__ = [
     "Sample",
     "Template",
     "TemplateConfig",
+    "Evaluator",
+    "EvaluatorConfig",
+    "EvalContext",
+    "EvalResult",
     "INTERFACES",
 ]
 
@@ -341,6 +345,8 @@ class Template(ABC):
     Config: ClassVar[type[ComponentConfig]] = TemplateConfig
     #: special tokens the decoder must know (added by the builder), ``<image>`` always among them
     special_tokens: ClassVar[tuple[str, ...]] = ("<image>",)
+    #: tokens that end an answer besides the tokenizer's end of sequence (generation stops there)
+    stop_tokens: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: ComponentConfig):
         self.config = config
@@ -351,6 +357,64 @@ class Template(ABC):
         ``chat_template`` template, the model's own chat template."""
 
 
+# --------------------------------------------------------------------------------------- evaluators
+class EvaluatorConfig(ComponentConfig):
+    """Options of an entry of a recipe's ``eval`` list (besides ``type``)."""
+
+
+@dataclass
+class EvalContext:
+    """What an evaluator gets besides the model.
+
+    ``datasets``: recipe data alias -> its dataset (records or samples); ``templates``: alias -> the
+    chat template that renders it; ``output_dir``: where the evaluator may write extra files;
+    ``label``: which evaluation this is (``before``, ``after`` or a name given on the command line);
+    ``progress``: show progress bars."""
+
+    datasets: dict[str, Any]
+    templates: dict[str, Any]
+    output_dir: Any
+    label: str = "eval"
+    progress: bool = True
+
+
+@dataclass
+class EvalResult:
+    """What an evaluator measured.
+
+    ``metrics``: row name -> value (e.g. ``{"all": 0.83, "colour": 0.9}``), what the tables compare
+    between evaluations; ``counts``: row name -> number of items behind the value; ``metric``: what
+    the values are (e.g. ``exact-answer accuracy``); ``items``: one JSON-ready dict per evaluated item
+    (id, prompt, reference, prediction, correct ...), written to the results file; ``examples``: the
+    ids of the items worth showing a person."""
+
+    name: str
+    metric: str
+    metrics: dict[str, float]
+    counts: dict[str, int] = field(default_factory=dict)
+    items: list[dict[str, Any]] = field(default_factory=list)
+    examples: list[str] = field(default_factory=list)
+
+
+class Evaluator(ABC):
+    """An evaluation a recipe's ``eval`` list names (``{type: <name>, <options>}``); run after
+    training, by ``recipes eval``, and (``run.eval_before``) on the untrained model."""
+
+    kind: ClassVar[str] = "evaluator"
+    Config: ClassVar[type[ComponentConfig]] = EvaluatorConfig
+
+    def __init__(self, config: ComponentConfig):
+        self.config = config
+
+    def data_aliases(self) -> list[str]:
+        """The recipe data entries it reads (checked against the recipe's ``data`` section)."""
+        return []
+
+    @abstractmethod
+    def evaluate(self, model: Any, context: EvalContext) -> EvalResult:
+        """Evaluate ``model`` (a :class:`vlmkit.core.compose.VisionLanguageModel` in eval mode)."""
+
+
 #: kind -> interface class
 INTERFACES: dict[str, type] = {
     "encoder": VisionEncoder,
@@ -359,4 +423,5 @@ INTERFACES: dict[str, type] = {
     "decoder": LanguageDecoder,
     "dataset": Dataset,
     "template": Template,
+    "evaluator": Evaluator,
 }

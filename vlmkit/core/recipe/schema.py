@@ -128,8 +128,26 @@ class OptimizerSpec(Strict):
     weight_decay: float = Field(0.0, ge=0.0)
 
 
+class InitFrom(Strict):
+    """Weights loaded into the model when a stage starts (not when it resumes mid-way)."""
+
+    format: Literal["openflamingo", "vlmkit"] = Field(
+        description="openflamingo: an OpenFlamingo checkpoint (its key layout mapped onto vlmkit's); "
+        "vlmkit: a vlmkit export folder's model.safetensors or a checkpoint's weights.safetensors"
+    )
+    path: str = Field(description="the checkpoint file (.pt/.pth/.bin read weights-only, or .safetensors)")
+    added_tokens: list[str] = Field(
+        ["<|endofchunk|>", "<image>", "<PAD>"],
+        description="openflamingo: the tokens OpenFlamingo appended to the language model's vocabulary, in its "
+        "order (its embedding rows are moved to vlmkit's ids of the same tokens; <PAD> is the pad token)",
+    )
+    strict: bool = Field(True, description="the checkpoint must cover every connector and fusion tensor")
+
+
 class StageSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="explicit stage name, e.g. align / instruct")
+    enabled: bool = Field(True, description="false: skip this stage (e.g. when init_from replaces it)")
+    init_from: InitFrom | None = Field(None, description="load these weights when the stage starts")
     data: list[str] = Field(min_length=1, description="names of entries in the recipe's `data` section")
     tune: StageTune
     optimizer: OptimizerSpec = OptimizerSpec()
@@ -179,12 +197,16 @@ class RunSpec(Strict):
     """Recompute decoder activations in the backward pass (less memory, about 30% slower)."""
     num_workers: NonNegativeInt = 0
     """Data-loading worker processes per training process."""
+    eval_before: bool = False
+    """Also run the recipe's ``eval`` list on the untrained model, and print before/after tables."""
 
 
 class EvalSpec(BaseModel):
+    """``{type: <registered evaluator>, <its options>}``, run after training and by ``recipes eval``."""
+
     model_config = ConfigDict(extra="allow")
 
-    type: str
+    type: str = Field(description="registered evaluator (see `recipes components evaluator`)")
 
 
 class Recipe(Strict):

@@ -54,6 +54,7 @@ class OtterConfig(TemplateConfig):
 class OtterTemplate(Template):
     Config: ClassVar[type[TemplateConfig]] = OtterConfig
     special_tokens: ClassVar[tuple[str, ...]] = ("<image>", ANSWER, END_OF_CHUNK)
+    stop_tokens: ClassVar[tuple[str, ...]] = (END_OF_CHUNK,)
 
     def render(self, record: Any, tokenizer: Any) -> Sample:
         check_record(record, "otter")

@@ -1,0 +1,143 @@
+"""Running a recipe's ``eval`` list on a model, writing and comparing the results.
+
+Each evaluation ``label`` (``before``, ``after``, or a name given to ``recipes eval``) writes, per
+evaluator, ``<out>/eval/<label>/<name>.json`` (metrics, counts and every item) and ``<name>.md``
+(the table). :func:`comparison` puts two evaluations side by side (markdown) and
+:func:`comparison_plot` draws them as a bar chart (PNG).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from vlmkit.core.errors import VlmkitError
+from vlmkit.core.interfaces import EvalContext, EvalResult
+
+EVAL_DIR = "eval"
+
+
+def run_evaluations(
+    model: Any, resolved: Any, output_dir: Path, label: str, *, registry: Any = None, progress: bool = True,
+) -> list[EvalResult]:
+    """Every evaluator of ``resolved``'s ``eval`` list on ``model``; results written under
+    ``output_dir/eval/<label>/``."""
+    if registry is None:
+        from vlmkit.core.registry import get_registry
+
+        registry = get_registry()
+    evaluators = [registry.component_class("evaluator", spec.name)(spec.config) for spec in resolved.evaluators]
+    aliases = list(dict.fromkeys(a for ev in evaluators for a in ev.data_aliases()))
+    datasets = {a: registry.component_class("dataset", resolved.datasets[a].name)(resolved.datasets[a].config) for a in aliases}
+    folder = Path(output_dir) / EVAL_DIR / label
+    context = EvalContext(datasets=datasets, templates=dict(model.templates), output_dir=folder, label=label,
+                          progress=progress)
+    results = []
+    names: dict[str, int] = {}
+    for evaluator, spec in zip(evaluators, resolved.evaluators):
+        result = evaluator.evaluate(model, context)
+        names[result.name] = names.get(result.name, 0) + 1
+        if names[result.name] > 1:  # two entries of one type: instructions, instructions-2
+            result.name = f"{result.name}-{names[result.name]}"
+        write_result(result, folder)
+        results.append(result)
+    return results
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def write_result(result: EvalResult, folder: Path) -> None:
+    payload = {"name": result.name, "metric": result.metric, "metrics": result.metrics, "counts": result.counts,
+               "examples": result.examples, "items": result.items}
+    _atomic_text(folder / f"{result.name}.json", json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    _atomic_text(folder / f"{result.name}.md", table([result], [folder.name]) + "\n")
+
+
+def read_result(path: Path) -> EvalResult:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return EvalResult(name=data["name"], metric=data["metric"], metrics=data["metrics"], counts=data.get("counts", {}),
+                          items=data.get("items", []), examples=data.get("examples", []))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise VlmkitError(f"'{path}': not a readable evaluation result: {exc}") from None
+
+
+def table(results: list[EvalResult], labels: list[str]) -> str:
+    """One evaluator's results (one per label, same evaluator) as a markdown table, rows = metrics."""
+    first = results[0]
+    rows = list(dict.fromkeys(k for r in results for k in r.metrics))
+    head = f"| {first.name}: {first.metric} | " + " | ".join(labels) + " | n |"
+    lines = [head, "|" + "---|" * (len(labels) + 2)]
+    for row in rows:
+        values = " | ".join(f"{r.metrics[row]:.3f}" if row in r.metrics else "-" for r in results)
+        n = next((r.counts[row] for r in results if row in r.counts), "")
+        lines.append(f"| {row} | {values} | {n} |")
+    return "\n".join(lines)
+
+
+def examples_table(results: list[EvalResult], labels: list[str]) -> str:
+    """The first result's example items with each label's answer (markdown)."""
+    by_id = [{item["id"]: item for item in r.items} for r in results]
+    lines = ["| question | reference | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 2)]
+    for item_id in results[0].examples:
+        item = by_id[0].get(item_id)
+        if item is None:
+            continue
+        answers = []
+        for items in by_id:
+            other = items.get(item_id)
+            answers.append("-" if other is None else f"{_cell(other.get('prediction', ''))} {'✓' if other.get('correct') else '✗'}")
+        lines.append(f"| {_cell(item.get('question') or item_id)} | {_cell(item.get('reference', ''))} | " + " | ".join(answers) + " |")
+    return "\n".join(lines)
+
+
+def _cell(text: Any) -> str:
+    text = str(text).replace("\n", " ").replace("|", "\\|").strip()
+    return (text[:77] + "...") if len(text) > 80 else (text or '""')
+
+
+def comparison(before: list[EvalResult], after: list[EvalResult], labels: tuple[str, str] = ("before", "after")) -> str:
+    """Markdown: each evaluator's table before/after, then its example questions with both answers."""
+    parts = []
+    for b, a in zip(before, after):
+        parts.append(table([b, a], list(labels)))
+        if a.examples:
+            parts.append(examples_table([a, b], [labels[1], labels[0]]))
+    return "\n\n".join(parts)
+
+
+def comparison_plot(results: list[EvalResult], labels: list[str], path: Path) -> Path:
+    """Grouped bars: one group per metric row, one bar per label (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(dict.fromkeys(k for r in results for k in r.metrics))
+    width = 0.8 / max(1, len(results))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2), 3.6))
+    for j, (result, label) in enumerate(zip(results, labels)):
+        xs = [i + (j - (len(results) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, [result.metrics.get(r, 0.0) for r in rows], width=width, label=label)
+    ax.set_xticks(range(len(rows)), rows, rotation=20, ha="right")
+    ax.set_ylim(0, 1.0)
+    ax.set_ylabel(results[0].metric)
+    ax.set_title(results[0].name)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
