@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", parents=[common], help="plug-ins with their distributions and components")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("schema", parents=[common], help="the recipe JSON Schema (for editor completion)")
+    p = sub.add_parser("params", parents=[common],
+                       help="trainable and frozen parameters per stage and component (meta device: no weights read)")
+    p.add_argument("recipe", help="shipped recipe name or YAML file")
+    recipe_args(p)
     p = sub.add_parser("run", parents=[common], help="train a recipe")
     p.add_argument("recipe", help="shipped recipe name or YAML file")
     recipe_args(p)
@@ -56,6 +60,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="resume the folder's checkpoints even if the recipe changed (a folder with checkpoints of "
                         "the same recipe is resumed without it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p = sub.add_parser("eval", parents=[common], help="evaluate a trained model (run folder or export)")
+    p.add_argument("model", help="a run folder (its export/ is used) or an export folder")
+    p.add_argument("--data", action="append", default=[], metavar="NAME",
+                   help="evaluate held-out instructions on this entry of the recipe's data section instead of "
+                        "running the recipe's eval list (repeatable)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="change the recipe's data or eval sections, e.g. --set data.eval.instructions=my.json")
+    p.add_argument("--label", default="eval", help="name of this evaluation (results in <run>/eval/<label>/)")
+    p.add_argument("--output-dir", type=Path, help="where to write eval/<label>/ (default: the run folder)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p = sub.add_parser("chat", parents=[common], help="ask a trained model about an image, in the terminal")
+    p.add_argument("model", help="a run folder (its export/ is used) or an export folder")
+    p.add_argument("--image", help="the image the questions are about")
+    p.add_argument("--example", nargs=3, action="append", default=[], metavar=("IMAGE", "QUESTION", "ANSWER"),
+                   help="an in-context example shown before the question (repeatable, oldest first)")
+    p.add_argument("--question", action="append", default=[],
+                   help="ask this and exit instead of reading questions from the terminal (repeatable: follow-ups)")
+    p.add_argument("--template", help="which of the recipe's chat templates (default: the last stage's)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p = sub.add_parser("data", parents=[common], help="data sets: generate the demo data")
     data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     p = data_sub.add_parser("demo", parents=[common],
@@ -157,6 +182,16 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_params(args: argparse.Namespace) -> int:
+    from vlmkit.core.params import format_report, stage_parameters
+    from vlmkit.core.recipe.loader import load_recipe
+
+    registry = _registry()
+    resolved = load_recipe(args.recipe, args.profile, args.overrides, registry=registry)
+    print(format_report(resolved.recipe.name, resolved.profile, stage_parameters(resolved, registry)))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from vlmkit.core.engine import run
     from vlmkit.core.recipe.loader import load_recipe
@@ -176,8 +211,94 @@ def cmd_run(args: argparse.Namespace) -> int:
         if stage.losses:
             print(f"stage {stage.name}: {stage.steps} steps, loss {stage.losses[0]:.4f} -> {stage.losses[-1]:.4f}")
     print(f"run folder: {result.output_dir} (metrics.jsonl, loss.png, checkpoints/"
-          + (", export/" if result.export else "") + ")")
+          + (", export/" if result.export else "") + (", eval/" if result.evaluations else "") + ")")
+    if result.evaluations:
+        print()
+        print(_evaluation_report(result.evaluations, result.output_dir))
     return 0
+
+
+def _evaluation_report(evaluations: dict, output_dir: Path) -> str:
+    """The before/after (or after-only) tables, also written to ``eval/summary.md`` with a PNG per
+    evaluator."""
+    from vlmkit.core.evaluation.runner import EVAL_DIR, comparison, comparison_plot, examples_table, table
+
+    after = evaluations.get("after", [])
+    before = evaluations.get("before")
+    folder = output_dir / EVAL_DIR
+    if before:
+        text = comparison(before, after)
+        for b, a in zip(before, after):
+            comparison_plot([b, a], ["before", "after"], folder / f"{a.name}.png")
+    else:
+        parts = []
+        for a in after:
+            parts.append(table([a], ["after"]))
+            if a.examples:
+                parts.append(examples_table([a], ["after"]))
+            comparison_plot([a], ["after"], folder / f"{a.name}.png")
+        text = "\n\n".join(parts)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.md").write_text(text + "\n", encoding="utf-8")
+    return text + f"\n\n(written to {folder / 'summary.md'} with a plot per evaluator)"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlmkit.core.evaluation.runner import EVAL_DIR, examples_table, run_evaluations, table
+    from vlmkit.core.export import find_export, load_with_recipe
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append("eval=" + json.dumps([{"type": "instructions", "data": list(args.data)}]))
+    registry = _registry()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    export = find_export(args.model)
+    model, resolved = load_with_recipe(export, device=device, registry=registry, overrides=overrides)
+    if not resolved.evaluators:
+        raise VlmkitError(f"{export / 'recipe.yaml'}: the recipe has no eval list; name held-out data entries of its "
+                          f"data section with --data (defined: {', '.join(resolved.recipe.data)})")
+    out = args.output_dir or (export.parent if export.name == "export" else export)
+    results = run_evaluations(model, resolved, out, args.label, registry=registry, progress=not args.no_progress)
+    for result in results:
+        print(table([result], [args.label]))
+        if result.examples:
+            print()
+            print(examples_table([result], [args.label]))
+        print()
+    print(f"results: {out / EVAL_DIR / args.label}/")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlmkit.core.chat import Chat, load_image, pick_template
+    from vlmkit.core.export import load_with_recipe
+
+    image = load_image(args.image, "--image") if args.image else None
+    examples = [(load_image(path, f"--example {i + 1}"), q, a) for i, (path, q, a) in enumerate(args.example)]
+    if args.max_new_tokens < 1:
+        raise VlmkitError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, resolved = load_with_recipe(args.model, device=device, registry=_registry())
+    chat = Chat(model, pick_template(model, resolved, args.template), image, examples, args.max_new_tokens)
+    if args.question:
+        for question in args.question:
+            print(f"> {question}")
+            print(chat.ask(question))
+        return 0
+    print(f"{len(examples)} in-context example(s); ask about {args.image or 'no image'} (empty line or Ctrl-D ends)")
+    while True:
+        try:
+            question = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if not question.strip():
+            return 0
+        print(chat.ask(question))
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -204,7 +325,10 @@ COMMANDS = {
     "components": cmd_components,
     "plugins": cmd_plugins,
     "schema": cmd_schema,
+    "params": cmd_params,
     "run": cmd_run,
+    "eval": cmd_eval,
+    "chat": cmd_chat,
     "data": cmd_data,
 }
 

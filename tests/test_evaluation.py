@@ -1,0 +1,165 @@
+"""Evaluation: prompts cut before the answer, batched generation equal to one-by-one generation,
+exact-match scoring, the instructions evaluator's per-type accuracy and files, and the
+`recipes eval` / `recipes chat` commands on a trained smoke run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vlmkit.core.cli import main
+from vlmkit.core.compose import build_model
+from vlmkit.core.data.records import Exchange, Media, Record, Turn
+from vlmkit.core.engine import run
+from vlmkit.core.errors import VlmkitError
+from vlmkit.core.evaluation import instructions as instructions_module
+from vlmkit.core.evaluation.generation import generate, split_prompt
+from vlmkit.core.evaluation.runner import run_evaluations
+from vlmkit.core.evaluation.scoring import exact_match, normalize
+from vlmkit.core.recipe.loader import load_recipe
+
+
+@pytest.fixture(scope="module")
+def otter_model():
+    resolved = load_recipe("otter_mimicit", "smoke")
+    return build_model(resolved).eval(), resolved
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    run(load_recipe("otter_mimicit", "smoke"), out, progress=False)
+    return out
+
+
+def _record(answer="red"):
+    from PIL import Image
+
+    img = Image.new("RGB", (32, 32), (255, 0, 0))
+    example = Exchange([Turn("user", "What colour?"), Turn("assistant", "blue")], [Media("e", [img])])
+    query = Exchange([Turn("user", "What colour is the square?"), Turn("assistant", answer)], [Media("q", [img])])
+    return Record(id="r1", group="IMAGE_TEXT_IN_CONTEXT", query=query, context=[example])
+
+
+def test_split_prompt_cuts_before_the_query_answer(otter_model):
+    model, _ = otter_model
+    template = model.templates["eval_images"]
+    sample = template.render(_record(), model.decoder.tokenizer)
+    prompt, target = split_prompt(sample)
+    text = "".join(t for t, _ in prompt.segments)
+    assert text.endswith("User: What colour is the square? GPT:<answer>")
+    assert "blue<|endofchunk|>" in text  # the in-context example keeps its answer
+    assert target.startswith(" red<|endofchunk|>")
+    assert prompt.images == sample.images
+
+
+def test_normalize_and_exact_match():
+    assert normalize(" Red. ") == "red" and normalize("Two  circles!") == "two circles"
+    assert exact_match("Left.", "left") and not exact_match("left side", "left") and not exact_match("", "left")
+
+
+def test_batched_left_padded_generation_equals_one_by_one(otter_model):
+    model, _ = otter_model
+    template = model.templates["eval_images"]
+    tok = model.decoder.tokenizer
+    prompts = [split_prompt(template.render(_record(a), tok))[0] for a in ("red",)]
+    short = Record(id="r2", group="IMAGE_TEXT", query=Exchange([Turn("user", "Hi?"), Turn("assistant", "x")],
+                                                                _record().query.media))
+    prompts.append(split_prompt(template.render(short, tok))[0])
+    torch.manual_seed(0)
+    with torch.no_grad():  # open the gates so the images matter
+        for block in model.fusion.blocks:
+            block.attn_gate.fill_(1.0)
+            block.ff_gate.fill_(1.0)
+    together = generate(model, prompts, template, max_new_tokens=6, batch_size=2)
+    alone = [generate(model, [p], template, max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert together == alone
+    assert all(isinstance(a, str) for a in together)
+
+
+def test_instructions_evaluator_scores_per_type_and_writes_results(otter_model, tmp_path, monkeypatch):
+    model, resolved = otter_model
+    data = resolved.recipe.eval[0].model_extra
+    types = json.loads(open(data["question_types"]).read())
+
+    def fake_generate(model, prompts, template, **kwargs):  # right answer for every other prompt
+        out = []
+        for i, p in enumerate(prompts):
+            out.append(answers[p.id] if i % 2 == 0 else "wrong")
+        return out
+
+    datasets = {}
+    from vlmkit.core.registry import get_registry
+
+    registry = get_registry()
+    answers = {}
+    for alias in ("eval_images", "eval_video"):
+        spec = resolved.datasets[alias]
+        ds = registry.component_class("dataset", spec.name)(spec.config)
+        for i in range(min(3, len(ds))):
+            answers[ds[i].id] = ds[i].query.turns[-1].text.upper() + "."  # case and punctuation do not matter
+    monkeypatch.setattr(instructions_module, "generate", fake_generate)
+    results = run_evaluations(model, resolved, tmp_path, "before", progress=False)
+    result = results[0]
+    items = result.items
+    assert len(items) == 6 and result.counts["all"] == 6
+    assert [i["correct"] for i in items] == [True, False, True, True, False, True]
+    assert result.metrics["all"] == pytest.approx(4 / 6)
+    for item in items:
+        assert item["type"] == types[item["id"]]
+    for name, value in result.metrics.items():
+        if name != "all":
+            marks = [i["correct"] for i in items if i["type"] == name]
+            assert value == pytest.approx(sum(marks) / len(marks))
+    saved = json.loads((tmp_path / "eval" / "before" / "instructions.json").read_text())
+    assert saved["metrics"] == result.metrics and len(saved["items"]) == 6
+    assert "| all | 0.667 |" in (tmp_path / "eval" / "before" / "instructions.md").read_text()
+    assert len(result.examples) == 3 and len({next(i["type"] for i in items if i["id"] == e) for e in result.examples}) == 3
+
+
+def test_question_types_file_must_cover_every_record(otter_model, tmp_path):
+    model, resolved = otter_model
+    bad = tmp_path / "types.json"
+    bad.write_text(json.dumps({"nothing": "colour"}))
+    from vlmkit.core.recipe.loader import load_recipe as load
+
+    broken = load("otter_mimicit", "smoke", [f"eval.0.question_types={bad}"])
+    with pytest.raises(VlmkitError, match="has no type for record"):
+        run_evaluations(model, broken, tmp_path, "x", progress=False)
+
+
+def test_eval_entries_are_validated_against_the_evaluator_and_the_data_section():
+    from vlmkit.core.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"eval\.0\.data: no dataset 'nope'"):
+        load_recipe("otter_mimicit", "smoke", ["eval.0.data=[nope]"])
+    with pytest.raises(RecipeError, match=r"eval\.0\.type: unknown evaluator 'instruction'"):
+        load_recipe("otter_mimicit", "smoke", ["eval.0.type=instruction"])
+    with pytest.raises(RecipeError, match=r"eval\.0\.max_tokens"):
+        load_recipe("otter_mimicit", "smoke", ["eval.0.max_tokens=3"])
+
+
+def test_recipes_eval_on_a_run_folder(smoke_run, capsys):
+    assert main(["eval", str(smoke_run), "--data", "eval_images", "--label", "again", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| instructions: exact-answer accuracy | again | n |" in out
+    saved = json.loads((smoke_run / "eval" / "again" / "instructions.json").read_text())
+    assert {i["data"] for i in saved["items"]} == {"eval_images"}
+    assert main(["eval", str(smoke_run), "--set", "model.connector.depth=3"]) == 2
+    assert "only the recipe's data and eval sections" in capsys.readouterr().err
+
+
+def test_recipes_chat_answers_with_in_context_examples(smoke_run, tmp_path, capsys):
+    from PIL import Image
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(image)
+    code = main(["chat", str(smoke_run), "--image", str(image), "--example", str(image), "What colour?", "blue",
+                 "--question", "What colour is it?", "--question", "And the shape?", "--max-new-tokens", "3"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "> What colour is it?" and lines[2] == "> And the shape?" and len(lines) == 4
+    assert main(["chat", str(smoke_run), "--image", str(tmp_path / "missing.png"), "--question", "x"]) == 2
+    assert "--image: '" in capsys.readouterr().err
