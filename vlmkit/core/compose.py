@@ -79,8 +79,14 @@ class VisionLanguageModel(nn.Module):
         return self.fusion.generate(self.decoder, input_ids, attention_mask, media, media_mask, **generate_kwargs)
 
 
-def build_model(resolved: ResolvedRecipe, registry: Any = None) -> VisionLanguageModel:
-    """Construct every component of ``resolved`` and wire their widths."""
+def build_model(resolved: ResolvedRecipe, registry: Any = None, meta: bool = False) -> VisionLanguageModel:
+    """Construct every component of ``resolved`` and wire their widths. ``meta``: on the meta
+    device, reading and downloading no weights (:mod:`vlmkit.core.meta`), to count parameters."""
+    if meta:
+        from vlmkit.core.meta import meta_build
+
+        with meta_build():
+            return build_model(resolved, registry)
     if registry is None:
         from vlmkit.core.registry import get_registry
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import DecoderConfig, LanguageDecoder
+from vlmkit.core.meta import architecture, on_meta, stand_in_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,6 +37,10 @@ class HFCausalLMConfig(DecoderConfig):
     trust_remote_code: bool = False
     special_tokens: list[str] = []
     """Extra special tokens to add (fusions and templates add the ones they need themselves)."""
+    new_token_init: Literal["mean", "random"] = "mean"
+    """Embedding rows of added tokens: drawn around the mean of the existing rows (``mean``, a neutral
+    start that keeps the first losses near the model's own), or from the model's initialiser
+    (``random``, as OpenFlamingo and Otter do)."""
     layers_path: str | None = None
     """Dotted path of the decoder-layer list (e.g. ``model.layers``) where it is not found automatically."""
 
@@ -69,9 +74,21 @@ class HFCausalLM(LanguageDecoder):
         common: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
         if config.attn_implementation is not None:
             common["attn_implementation"] = config.attn_implementation
-        self._tokenizer = self._load_tokenizer(config)
+        meta = on_meta()
+        if meta and config.gguf_file is not None:
+            raise VlmkitError("model.decoder.gguf_file: a GGUF decoder cannot be built on the meta device (its config "
+                              "is inside the file); build it normally")
+        if meta and config.pretrained is not None and config.tokenizer is None and config.tokenizer_type == "pretrained":
+            self._tokenizer = stand_in_tokenizer(config.pretrained, "model.decoder.pretrained")
+        else:
+            self._tokenizer = self._load_tokenizer(config)
         try:
-            if config.config is not None:
+            if meta and config.pretrained is not None:
+                cfg_dict = architecture(config.pretrained, "model.decoder.pretrained")
+                model_type = cfg_dict.pop("model_type")
+                hf_config = AutoConfig.for_model(model_type, **cfg_dict)
+                self.model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **common)
+            elif config.config is not None:
                 cfg_dict = dict(config.config)
                 model_type = cfg_dict.pop("model_type")
                 cfg_dict.setdefault("vocab_size", len(self._tokenizer))
@@ -135,7 +152,7 @@ class HFCausalLM(LanguageDecoder):
         added = [t for t in tok.get_vocab() if t not in before]
         self.new_token_ids.extend(sorted(int(tok.convert_tokens_to_ids(t)) for t in added))
         if len(tok) > self.model.get_input_embeddings().num_embeddings:
-            self.model.resize_token_embeddings(len(tok), mean_resizing=False)
+            self.model.resize_token_embeddings(len(tok), mean_resizing=self.config.new_token_init == "mean" and not on_meta())
         return {t: int(tok.convert_tokens_to_ids(t)) for t in tokens}
 
     def get_output_embeddings(self) -> nn.Module | None:

@@ -35,6 +35,7 @@ import torch
 from pydantic import PositiveInt, ValidationInfo, field_validator, model_validator
 from torch import nn
 
+from vlmkit.core.meta import architecture, on_meta
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import EncoderConfig, Preprocess, VisionEncoder
 from vlmkit.encoders.probe import blank_image, eval_mode
@@ -185,8 +186,11 @@ class HFVisionEncoder(VisionEncoder):
         common: dict[str, Any] = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
         if config.attn_implementation is not None:
             common["attn_implementation"] = config.attn_implementation
-        if config.config is not None:
-            options = dict(config.config)
+        if config.config is not None or on_meta():
+            if config.config is not None:
+                options = dict(config.config)
+            else:
+                options = architecture(str(config.pretrained), f"{_FIELD}.pretrained")
             model_type = options.pop("model_type")
             try:
                 hf_config = AutoConfig.for_model(model_type, **options)

@@ -40,6 +40,7 @@ from torch import nn
 
 from vlmkit.core.errors import VlmkitError, suggest
 from vlmkit.core.interfaces import EncoderConfig, Preprocess, VisionEncoder
+from vlmkit.core.meta import on_meta
 from vlmkit.core.weights import load_state_dict_file
 from vlmkit.encoders.probe import blank_image, eval_mode
 
@@ -127,7 +128,7 @@ class OpenClipEncoder(VisionEncoder):
         model = self._create(config)
         visual = model.visual
         del model  # the text tower (and logit scale) go with it
-        if config.checkpoint is not None:
+        if config.checkpoint is not None and not on_meta():
             self._load_checkpoint(visual, Path(config.checkpoint))
 
         pre = open_clip.get_model_preprocess_cfg(visual)
@@ -207,7 +208,8 @@ class OpenClipEncoder(VisionEncoder):
         try:
             return open_clip.create_model(
                 config.model_name,
-                pretrained=config.pretrained,
+                pretrained=None if on_meta() else config.pretrained,
+                device="meta" if on_meta() else "cpu",
                 pretrained_image=False,
                 pretrained_text=False,
                 weights_only=True,

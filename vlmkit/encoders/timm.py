@@ -24,6 +24,7 @@ from pydantic import PositiveInt, ValidationInfo, field_validator
 
 from vlmkit.core.errors import VlmkitError, suggest
 from vlmkit.core.interfaces import EncoderConfig, Preprocess, VisionEncoder
+from vlmkit.core.meta import on_meta
 from vlmkit.core.weights import load_state_dict_file
 from vlmkit.encoders.probe import blank_image, eval_mode
 
@@ -171,7 +172,7 @@ class TimmEncoder(VisionEncoder):
             self.model = timm.create_model(config.model_name, pretrained=False, num_classes=0, **kwargs)
         except TypeError as exc:
             raise VlmkitError(f"model.encoder.model_kwargs: timm model '{config.model_name}' rejected them: {exc}") from None
-        if config.weights is not None:
+        if config.weights is not None and not on_meta():
             state = load_state_dict_file(Path(config.weights), "model.encoder.weights")
             missing, unexpected = self.model.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.startswith(("head.", "classifier.", "fc."))]
@@ -180,7 +181,7 @@ class TimmEncoder(VisionEncoder):
                     f"model.encoder.weights: {config.weights} lacks {len(missing)} tensors of '{config.model_name}', "
                     f"e.g. {missing[:3]}"
                 )
-        if config.packaged_weights is not None:
+        if config.packaged_weights is not None and not on_meta():
             state = packaged_state_dict(config.packaged_weights)
             # the encoder's model is the packaged architecture without its classifier (and, with
             # feature_stage, without the head convolution): those tensors are left over, nothing is missing
