@@ -161,3 +161,30 @@ def test_mapping_errors_name_the_key(tmp_path):
     extra = {k.replace("layers.1.", "layers.0."): v for k, v in state.items() if ".1.gated_cross_attn_layer." in k}
     with pytest.raises(VlmkitError, match=r"before decoder layer 0.*every_n_layers"):
         map_openflamingo_state_dict({**state, **extra}, ours)
+
+
+def test_added_token_rows_move_from_openflamingo_order_to_vlmkit_ids(tmp_path):
+    """OpenFlamingo appends <|endofchunk|>, <image>, <PAD>; vlmkit adds pad first: rows move by token."""
+    ours = _vlmkit(tmp_path)
+    tok = ours.decoder.tokenizer
+    state = _openflamingo(ours).state_dict()
+    pad, eoc, image = tok.pad_token_id, tok.convert_tokens_to_ids(EOC), tok.convert_tokens_to_ids("<image>")
+    base = min(pad, eoc, image)
+    assert sorted((pad, eoc, image)) == [base, base + 1, base + 2] and len(tok) == base + 3
+    key = "lang_encoder.model.embed_tokens.weight"
+    table = state[key]
+    of_order = torch.cat([table[:base], table[[eoc, image, pad]]])  # the layout of an OpenFlamingo checkpoint
+    permuted = {**state, key: of_order}
+    if "lang_encoder.lm_head.weight" in state:
+        head = state["lang_encoder.lm_head.weight"]
+        permuted["lang_encoder.lm_head.weight"] = torch.cat([head[:base], head[[eoc, image, pad]]])
+    moved = map_openflamingo_state_dict(permuted, ours, ["<|endofchunk|>", "<image>", "<PAD>"])
+    direct = map_openflamingo_state_dict(state, ours)
+    assert set(moved) == set(direct)
+    for name in direct:
+        assert torch.equal(moved[name], direct[name]), name
+    # without the token list the permuted rows would be taken as they are: a silent swap
+    assert not torch.equal(map_openflamingo_state_dict(permuted, ours)["decoder.model.model.embed_tokens.weight"],
+                           direct["decoder.model.model.embed_tokens.weight"])
+    with pytest.raises(VlmkitError, match="'<unknown>'.*not an added token"):
+        map_openflamingo_state_dict(permuted, ours, ["<|endofchunk|>", "<unknown>", "<PAD>"])

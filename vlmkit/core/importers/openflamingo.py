@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -144,18 +144,66 @@ def _target(key: str, layers_path: str, layer_indices: list[int]) -> str | None:
     return "decoder.model." + key.removeprefix("lang_encoder.")
 
 
-def map_openflamingo_state_dict(of_state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+#: OpenFlamingo's name of the pad token it adds when the tokenizer has none
+OF_PAD = "<PAD>"
+
+
+def _embedding_keys(model: nn.Module) -> set[str]:
+    """The vlmkit state-dict names of the decoder's token-embedding tables (input, untied output)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    keys = {names[id(model.decoder.get_input_embeddings().weight)]}
+    out = model.decoder.get_output_embeddings()
+    if out is not None and id(out.weight) in names:
+        keys.add(names[id(out.weight)])
+    return keys
+
+
+def _move_token_rows(key: str, value: torch.Tensor, current: torch.Tensor, model: nn.Module,
+                     added_tokens: Sequence[str]) -> torch.Tensor:
+    """An OpenFlamingo embedding table (base vocabulary, then ``added_tokens`` in OpenFlamingo's
+    order) laid out in vlmkit's token ids: base rows in place, each added token's row moved to
+    vlmkit's id of the same token; vlmkit tokens OpenFlamingo lacks keep their rows."""
+    base = value.shape[0] - len(added_tokens)
+    if value.dim() != 2 or value.shape[1] != current.shape[1] or base <= 0 or current.shape[0] < base + 1:
+        raise VlmkitError(
+            f"OpenFlamingo key '{key}' has shape {tuple(value.shape)}, which does not fit this model's {tuple(current.shape)} "
+            f"with {len(added_tokens)} added tokens ({', '.join(added_tokens)})"
+        )
+    tok = model.decoder.tokenizer
+    out = current.detach().clone()
+    out[:base] = value[:base]
+    for j, token in enumerate(added_tokens):
+        token_id = tok.pad_token_id if token == OF_PAD and token not in tok.get_vocab() else tok.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tok.unk_token_id or token_id < base:
+            raise VlmkitError(
+                f"OpenFlamingo added token '{token}' (row {base + j} of '{key}') is not an added token of this model's "
+                f"tokenizer; check init_from.added_tokens against the checkpoint's tokenizer"
+            )
+        out[token_id] = value[base + j]
+    return out
+
+
+def map_openflamingo_state_dict(
+    of_state: Mapping[str, torch.Tensor], model: nn.Module, added_tokens: Sequence[str] | None = None,
+) -> dict[str, torch.Tensor]:
     """OpenFlamingo ``Flamingo`` state dict -> the same tensors under ``model``'s (a
     :class:`~vlmkit.core.compose.VisionLanguageModel`) names.
 
     Every key is mapped or listed in :data:`IGNORED`; every mapped key must exist in ``model`` with
     the same shape (``perceiver.media_time_embs`` drops its singleton axis). Tensors that reach the
     same vlmkit key under two OpenFlamingo names (OpenFlamingo registers the cross-attention blocks
-    and decoder layers twice) must be equal. Otherwise a :class:`VlmkitError` names the key."""
+    and decoder layers twice) must be equal. Otherwise a :class:`VlmkitError` names the key.
+
+    ``added_tokens``: the tokens OpenFlamingo appended to the vocabulary, in its order (released
+    checkpoints: ``<|endofchunk|>``, ``<image>``, then ``<PAD>``). vlmkit adds its tokens in another
+    order, so the embedding tables' rows are moved token by token (:func:`_move_token_rows`); none:
+    the tables are copied as they are (the checkpoint was made with this model's tokenizer)."""
     _check_model(model)
     layers_path = _layers_path(model)
     layer_indices = list(model.fusion.layer_indices)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    own = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in own.items()}
+    embeddings = _embedding_keys(model) if added_tokens is not None else set()
     if of_state and all(k.startswith("module.") for k in of_state):  # saved from DistributedDataParallel
         of_state = {k.removeprefix("module."): v for k, v in of_state.items()}
     out: dict[str, torch.Tensor] = {}
@@ -172,6 +220,8 @@ def map_openflamingo_state_dict(of_state: Mapping[str, torch.Tensor], model: nn.
             )
         if new not in shapes:
             raise VlmkitError(f"OpenFlamingo key '{key}' maps to '{new}', which this vlmkit model does not have")
+        if new in embeddings:
+            value = _move_token_rows(key, value, own[new], model, added_tokens)
         if tuple(value.shape) != shapes[new]:
             if new == "connector.media_time_embeddings" and value.dim() == 3 and value.shape[1] == 1:
                 value = value.squeeze(1)
@@ -220,19 +270,21 @@ def _unwrap(state: Any, what: str) -> dict[str, torch.Tensor]:
 
 
 def import_openflamingo(
-    model: nn.Module, path_or_state: str | Path | Mapping[str, torch.Tensor], *, strict: bool = True
+    model: nn.Module, path_or_state: str | Path | Mapping[str, torch.Tensor], *, strict: bool = True,
+    added_tokens: Sequence[str] | None = None,
 ) -> list[str]:
     """Copy an OpenFlamingo checkpoint (a ``.safetensors`` / ``.pt`` / ``.bin`` file or a state dict)
     into ``model``; returns the vlmkit keys loaded, sorted.
 
     ``strict``: the checkpoint must cover every connector and fusion tensor (what OpenFlamingo
     trains; its released ``checkpoint.pt`` always does). The encoder and decoder may be partly or
-    wholly absent: they keep the weights they were built with."""
+    wholly absent: they keep the weights they were built with. ``added_tokens``: see
+    :func:`map_openflamingo_state_dict`."""
     if isinstance(path_or_state, (str, Path)):
         state = _read(Path(path_or_state).expanduser())
     else:
         state = _unwrap(path_or_state, "(a mapping)")
-    mapped = map_openflamingo_state_dict(state, model)
+    mapped = map_openflamingo_state_dict(state, model, added_tokens)
     if strict:
         own = model.state_dict()
         missing = [k for k in own if k.startswith(("connector.", "fusion.")) and k not in mapped]
