@@ -456,3 +456,13 @@ def test_recipe_builds_trains_and_generates(tmp_path):
     new = model.generate(prompt["input_ids"], prompt["attention_mask"], prompt["vision_x"], prompt["media_mask"],
                          max_new_tokens=4, do_sample=False)
     assert new.shape[0] == 2 and 1 <= new.shape[1] <= 4
+
+
+def test_gate_init_sets_every_gate_and_defaults_to_flamingos_zero():
+    assert GatedCrossAttentionConfig().gate_init == 0.0
+    dec = _decoder("llama")
+    fusion = _fusion(dec, every_n_layers=2, gate_init=0.25)
+    gates = [float(g) for b in fusion.blocks for g in (b.attn_gate, b.ff_gate)]
+    assert gates == [0.25] * (2 * len(fusion.blocks))
+    block = GatedCrossAttentionBlock(8, 4, heads=2, dim_head=4, gate_init=-0.5)
+    assert float(block.attn_gate) == float(block.ff_gate) == -0.5

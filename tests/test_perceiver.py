@@ -200,3 +200,18 @@ def test_composes_with_prefix_fusion(tmp_path, extra):
         real = batch["vision_x"][batch["media_mask"]][:, 0]  # (3, C, H, W), one frame each
         direct = conn(model.encoder(real), media_positions=torch.tensor([0, 1, 0]))
     torch.testing.assert_close(media[batch["media_mask"]], direct)
+
+
+def test_token_position_embeddings_make_the_perceiver_see_where_tokens_are():
+    """Without them the resampler is blind to token order (a CNN map's left and right look alike);
+    with max_num_tokens each position gets its own embedding, per frame."""
+    torch.manual_seed(0)
+    feats = torch.randn(2, 2 * 9, 16)  # 2 frames of 9 tokens
+    perm = torch.cat([torch.randperm(9), 9 + torch.randperm(9)])
+    plain = PerceiverResampler(PerceiverConfig(width_in=16, width_out=16, num_latents=4, depth=1, heads=2, dim_head=8)).eval()
+    assert torch.allclose(plain(feats, num_frames=2), plain(feats[:, perm], num_frames=2), atol=1e-6)
+    placed = PerceiverResampler(PerceiverConfig(width_in=16, width_out=16, num_latents=4, depth=1, heads=2, dim_head=8,
+                                                max_num_tokens=9)).eval()
+    assert not torch.allclose(placed(feats, num_frames=2), placed(feats[:, perm], num_frames=2), atol=1e-3)
+    with pytest.raises(VlmkitError, match="max_num_tokens: the encoder gives 18 tokens per frame"):
+        placed(feats, num_frames=1)

@@ -74,6 +74,10 @@ class GatedCrossAttentionConfig(FusionConfig):
     only_attend_immediate_media: bool = True
     """True: a text token attends only to the latents of the most recent image before it; False: to
     the latents of every image before it."""
+    gate_init: float = 0.0
+    """Initial value of every ``attn_gate`` and ``ff_gate`` (applied through tanh). Flamingo's 0
+    leaves the language model exactly unchanged at the start; a small positive value lets a short
+    run (a CPU demo) start using the images sooner."""
 
 
 # ------------------------------------------------------------------------------------------ blocks
@@ -147,17 +151,18 @@ class GatedCrossAttentionBlock(nn.Module):
         dim_head: int = 64,
         ff_mult: int = 4,
         only_attend_immediate_media: bool = True,
+        gate_init: float = 0.0,
     ):
         super().__init__()
         self.attn = MaskedCrossAttention(dim, dim_visual, heads, dim_head, only_attend_immediate_media)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.attn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
         self.ff = nn.Sequential(
             nn.LayerNorm(dim),
             nn.Linear(dim, ff_mult * dim, bias=False),
             nn.GELU(),
             nn.Linear(ff_mult * dim, dim, bias=False),
         )
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        self.ff_gate = nn.Parameter(torch.full((1,), float(gate_init)))
 
     def forward(
         self,
@@ -253,7 +258,8 @@ class GatedCrossAttentionFusion(Fusion):
         for block_no, i in enumerate(indices):
             self.blocks.append(
                 GatedCrossAttentionBlock(
-                    decoder.width, media_width, cfg.heads, cfg.dim_head, cfg.ff_mult, cfg.only_attend_immediate_media
+                    decoder.width, media_width, cfg.heads, cfg.dim_head, cfg.ff_mult, cfg.only_attend_immediate_media,
+                    gate_init=cfg.gate_init,
                 )
             )
             layers[i].register_forward_pre_hook(partial(self._layer_hook, block_no), with_kwargs=True)

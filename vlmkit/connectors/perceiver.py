@@ -50,6 +50,11 @@ class PerceiverConfig(ConnectorConfig):
     max_num_media: PositiveInt | None = None
     """Learned media-time embeddings for up to this many images per sample, indexed by each image's
     position in its sample; none: no media-time embeddings."""
+    max_num_tokens: PositiveInt | None = None
+    """Learned token-position embeddings for up to this many tokens per frame, added to each encoder
+    token by its index (the perceiver is otherwise blind to where a token sits). For encoders whose
+    tokens carry no position of their own, such as CNN feature maps; none (OpenFlamingo: CLIP's
+    tokens carry theirs): no token-position embeddings."""
 
 
 class _Attention(nn.Module):
@@ -119,6 +124,9 @@ class PerceiverResampler(Connector):
         self.media_time_embeddings = (
             nn.Parameter(torch.randn(config.max_num_media, d)) if config.max_num_media is not None else None
         )  # (max_num_media, d)
+        self.token_embeddings = (
+            nn.Parameter(torch.randn(config.max_num_tokens, d)) if config.max_num_tokens is not None else None
+        )  # (max_num_tokens, d)
         self.layers = nn.ModuleList(
             _Layer(d, config.heads, config.dim_head, config.ff_mult) for _ in range(config.depth)
         )
@@ -131,8 +139,18 @@ class PerceiverResampler(Connector):
     def _embed_media(
         self, features: torch.Tensor, num_frames: int, media_positions: torch.Tensor | None
     ) -> torch.Tensor:
-        """Add the frame and media-time embeddings: ``(N, F * v, d)`` -> ``(N, F * v, d)``."""
+        """Add the token-position, frame and media-time embeddings: ``(N, F * v, d)`` -> ``(N, F * v, d)``."""
         n, tokens, d = features.shape
+        if self.token_embeddings is not None:
+            per_frame = tokens // num_frames
+            limit = self.token_embeddings.shape[0]
+            if per_frame > limit:
+                raise VlmkitError(
+                    f"model.connector.max_num_tokens: the encoder gives {per_frame} tokens per frame but the perceiver "
+                    f"has token-position embeddings for at most {limit}; raise max_num_tokens to at least {per_frame}"
+                )
+            frames = features.reshape(n, num_frames, per_frame, d)
+            features = (frames + self.token_embeddings[:per_frame]).reshape(n, tokens, d)
         if self.frame_embeddings is not None:
             limit = self.frame_embeddings.shape[0]
             if num_frames > limit:
