@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/recipes run toy_prefix
+	$(BIN)/recipes run otter_mimicit
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -162,6 +162,7 @@ BUILTINS = [  # registry.yaml order, grouped by kind as the hooks register them
     ("template", "mplug_owl"),
     ("template", "lcl"),
     ("template", "chat_template"),
+    ("evaluator", "instructions"),
 ]
 
 

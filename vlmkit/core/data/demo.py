@@ -74,7 +74,7 @@ __all__ = [
 ]
 
 #: bump when the generated data changes: the cache keeps one folder per version
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 
 #: how much to generate: still scenes (train / held out; training scenes come in pairs drawn
 #: from one description), clips (train / held out) and their frames, text-only sums
@@ -120,7 +120,9 @@ _CONTEXT_EXAMPLES = 3  # examples per instruction in the text/image-similarity k
 
 # ------------------------------------------------------------------------------------------- drawing
 def _radius(size: int) -> int:
-    return max(2, size // 14)
+    """A radius of an eighth of the image: at 224 px an object covers about 2x2 tokens of a 7x7
+    feature map, so the encoder's tokens see it and not only background."""
+    return max(2, size // 8)
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: int, cy: int, r: int) -> None:
