@@ -75,3 +75,11 @@ def test_recipes_params_prints_counts_per_stage_and_component(capsys):
     out = capsys.readouterr().out
     assert "stage instruct: 1,441,142,800 trainable" in out
     assert "encoder                   0      303,179,776" in out
+
+
+@pytest.mark.real_weights
+def test_recipes_params_reads_a_gguf_decoder_s_config_without_its_tensors(capsys):
+    assert main(["params", "otter_mimicit"]) == 0  # the demo profile: SmolLM2 from its GGUF file
+    out = capsys.readouterr().out
+    assert "otter_mimicit (profile demo)" in out
+    assert "decoder                   0      134,516,736" in out

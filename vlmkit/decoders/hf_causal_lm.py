@@ -75,15 +75,18 @@ class HFCausalLM(LanguageDecoder):
         if config.attn_implementation is not None:
             common["attn_implementation"] = config.attn_implementation
         meta = on_meta()
-        if meta and config.gguf_file is not None:
-            raise VlmkitError("model.decoder.gguf_file: a GGUF decoder cannot be built on the meta device (its config "
-                              "is inside the file); build it normally")
         if meta and config.pretrained is not None and config.tokenizer is None and config.tokenizer_type == "pretrained":
             self._tokenizer = stand_in_tokenizer(config.pretrained, "model.decoder.pretrained")
         else:
             self._tokenizer = self._load_tokenizer(config)
         try:
-            if meta and config.pretrained is not None:
+            if meta and config.gguf_file is not None:  # the config from the file's metadata, no tensors
+                path = Path(config.gguf_file).expanduser()
+                if not path.is_file():
+                    raise VlmkitError(f"model.decoder.gguf_file: '{path}' does not exist")
+                hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+                self.model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **common)
+            elif meta and config.pretrained is not None:
                 cfg_dict = architecture(config.pretrained, "model.decoder.pretrained")
                 model_type = cfg_dict.pop("model_type")
                 hf_config = AutoConfig.for_model(model_type, **cfg_dict)
