@@ -10,7 +10,7 @@ import torch
 from vlmkit.core.chat import Chat, pick_template
 from vlmkit.core.engine import run
 from vlmkit.core.export import load_with_recipe
-from vlmkit.core.params import stage_parameters
+from vlmkit.core.params import format_report, stage_parameters
 from vlmkit.core.recipe.loader import find_recipe, load_recipe, shipped_recipes
 
 MAIN = ["otter_mimicit", "llava", "llava_lora", "mplug_owl", "blip2"]
@@ -93,7 +93,9 @@ def _batch(model, resolved):
 
 def _params(name):
     resolved = load_recipe(name, "paper")
-    return dict(stage_parameters(resolved))
+    stages = stage_parameters(resolved)
+    print(format_report(name, "paper", stages))  # per stage and component (pytest -s shows it)
+    return dict(stages)
 
 
 def _trainable(report):
