@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tiny import toy_mapping, write_recipe
+from tiny import resolved_toy, toy_mapping, write_recipe
 from vlmkit.core.engine import RunInterrupted, run
 from vlmkit.core.engine.state import checkpoint_dirs, load_training_state
 from vlmkit.core.errors import VlmkitError
@@ -267,3 +267,26 @@ def test_bf16_stage_runs_and_learns(tmp_path):
     losses = result.stages[0].losses
     assert all(map(lambda x: x == x and abs(x) < 100, losses)) and losses[-1] < losses[0]
     assert next(result.model.parameters()).dtype == torch.float32  # autocast, master weights fp32
+
+
+def test_a_full_disk_while_checkpointing_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from vlmkit.core.engine import state as state_module
+
+    out = tmp_path / "run"
+    resolved = resolved_toy(tmp_path, lambda d: d.update(run={"checkpoint_every": 1}))
+    real_save = state_module.save_file
+    calls = {"n": 0}
+
+    def filling_up(tensors, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:  # the first checkpoint (3 files) fits, the second does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(state_module, "save_file", filling_up)
+    with pytest.raises(VlmkitError, match=r"cannot write the checkpoint .*step-00000002: .*No space left on device.*"
+                                          r"the last complete checkpoint, .*step-00000001, is kept"):
+        run(resolved, out, progress=False)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]  # no half-written folder

@@ -296,16 +296,20 @@ def export_model(model: nn.Module, resolved: ResolvedRecipe, out_dir: Path, *, m
         "files": files,
         "tokenizer": None if tokenizer is None else {"folder": TOKENIZER_DIR, "size": len(tokenizer), "new_token_ids": new_ids},
     }
-    with atomic_dir(out_dir) as tmp:
-        (tmp / RECIPE_FILE).write_text(resolved.to_yaml(), encoding="utf-8")
-        save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt", "vlmkit_export": FORMAT})
-        if adapter_weights:
-            save_file(adapter_weights, str(tmp / ADAPTERS_FILE), metadata={"format": "pt", "vlmkit_export": FORMAT})
-            adapters_meta = {"format_version": FORMAT_VERSION, "peft_version": _version("peft"), "components": adapter_configs}
-            (tmp / ADAPTERS_CONFIG).write_text(json.dumps(adapters_meta, indent=2) + "\n", encoding="utf-8")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        (tmp / EXPORT_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    try:
+        with atomic_dir(out_dir) as tmp:
+            (tmp / RECIPE_FILE).write_text(resolved.to_yaml(), encoding="utf-8")
+            save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt", "vlmkit_export": FORMAT})
+            if adapter_weights:
+                save_file(adapter_weights, str(tmp / ADAPTERS_FILE), metadata={"format": "pt", "vlmkit_export": FORMAT})
+                adapters_meta = {"format_version": FORMAT_VERSION, "peft_version": _version("peft"), "components": adapter_configs}
+                (tmp / ADAPTERS_CONFIG).write_text(json.dumps(adapters_meta, indent=2) + "\n", encoding="utf-8")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            (tmp / EXPORT_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    except (OSError, SafetensorError) as exc:  # a full disk, a read-only folder: nothing half-written stays
+        raise VlmkitError(f"cannot write the export {out_dir}: {exc}; free space there and run the same command "
+                          "again (a finished run's checkpoints are kept, so it only exports)") from None
     return out_dir
 
 

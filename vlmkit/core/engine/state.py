@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vlmkit.core.checkpoint import atomic_dir
@@ -123,17 +124,26 @@ def save_training_state(
     else:  # sharded (FSDP / DeepSpeed): the moments live on every rank, not gathered here
         opt_tensors, opt_plain = {}, {"saved": False}
     rng_tensors, rng_plain = rng if rng is not None else capture_rng()
-    with atomic_dir(target) as tmp:
-        save_file(weights, str(tmp / "model.safetensors"))
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        _write_json(tmp / "optimizer.json", opt_plain)
-        _write_json(tmp / "scheduler.json", scheduler.state_dict())
-        if scaler is not None:
-            _write_json(tmp / "scaler.json", scaler.state_dict())
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        _write_json(tmp / "rng.json", rng_plain)
-        _write_json(tmp / "trainer.json", asdict(trainer))
-        (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+    try:
+        with atomic_dir(target) as tmp:
+            save_file(weights, str(tmp / "model.safetensors"))
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            _write_json(tmp / "optimizer.json", opt_plain)
+            _write_json(tmp / "scheduler.json", scheduler.state_dict())
+            if scaler is not None:
+                _write_json(tmp / "scaler.json", scaler.state_dict())
+            save_file(rng_tensors, str(tmp / "rng.safetensors"))
+            _write_json(tmp / "rng.json", rng_plain)
+            _write_json(tmp / "trainer.json", asdict(trainer))
+            (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+    except (OSError, SafetensorError) as exc:  # a full disk, a read-only folder: the older checkpoints stay
+        kept = checkpoint_dirs(output_dir)
+        raise VlmkitError(
+            f"cannot write the checkpoint {target}: {exc}. Free space there (or lower run.keep_last, raise "
+            f"run.checkpoint_every); "
+            + (f"the last complete checkpoint, {kept[-1]}, is kept and the same command resumes from it"
+               if kept else "no earlier checkpoint exists")
+        ) from None
     for old in checkpoint_dirs(output_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return target
