@@ -90,7 +90,6 @@ def test_instructions_evaluator_scores_per_type_and_writes_results(otter_model, 
             out.append(answers[p.id] if i % 2 == 0 else "wrong")
         return out
 
-    datasets = {}
     from vlmkit.core.registry import get_registry
 
     registry = get_registry()
