@@ -386,7 +386,8 @@ class EvalResult:
     between evaluations; ``counts``: row name -> number of items behind the value; ``metric``: what
     the values are (e.g. ``exact-answer accuracy``); ``items``: one JSON-ready dict per evaluated item
     (id, prompt, reference, prediction, correct ...), written to the results file; ``examples``: the
-    ids of the items worth showing a person."""
+    ids of the items worth showing a person; ``curves``: for results that vary a quantity (shots, a
+    ratio), curve name -> {x: value}, drawn as lines against ``x_label`` (else the metrics are bars)."""
 
     name: str
     metric: str
@@ -394,6 +395,8 @@ class EvalResult:
     counts: dict[str, int] = field(default_factory=dict)
     items: list[dict[str, Any]] = field(default_factory=list)
     examples: list[str] = field(default_factory=list)
+    curves: dict[str, dict[str, float]] = field(default_factory=dict)
+    x_label: str = ""
 
 
 class Evaluator(ABC):

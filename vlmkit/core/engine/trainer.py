@@ -243,7 +243,8 @@ class Engine:
         parts = [self.datasets[a] for a in stage.data]
         data = ConcatDataset(parts)
         consumed = state.trainer.consumed if state else 0
-        weights = [self.recipe.data[a].weight for a in stage.data] if stage.mix == "weights" else None
+        weights = ([self.recipe.data[a].weight for a in stage.data] if stage.mix == "weights"
+                   else [1.0] * len(stage.data) if stage.mix == "even" else None)
         sampler = StageBatchSampler(
             [len(p) for p in parts], stage.batch_size, seed=self.recipe.seed, stage_index=k, weights=weights,
             rank=acc.process_index, world_size=acc.num_processes, start=consumed, where=label, names=list(stage.data),

@@ -57,16 +57,18 @@ def _atomic_text(path: Path, text: str) -> None:
 
 def write_result(result: EvalResult, folder: Path) -> None:
     payload = {"name": result.name, "metric": result.metric, "metrics": result.metrics, "counts": result.counts,
-               "examples": result.examples, "items": result.items}
+               "curves": result.curves, "x_label": result.x_label, "examples": result.examples, "items": result.items}
     _atomic_text(folder / f"{result.name}.json", json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
     _atomic_text(folder / f"{result.name}.md", table([result], [folder.name]) + "\n")
+    comparison_plot([result], [folder.name], folder / f"{result.name}.png")
 
 
 def read_result(path: Path) -> EvalResult:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         return EvalResult(name=data["name"], metric=data["metric"], metrics=data["metrics"], counts=data.get("counts", {}),
-                          items=data.get("items", []), examples=data.get("examples", []))
+                          items=data.get("items", []), examples=data.get("examples", []), curves=data.get("curves", {}),
+                          x_label=data.get("x_label", ""))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise VlmkitError(f"'{path}': not a readable evaluation result: {exc}") from None
 
@@ -115,24 +117,37 @@ def comparison(before: list[EvalResult], after: list[EvalResult], labels: tuple[
     return "\n\n".join(parts)
 
 
-def comparison_plot(results: list[EvalResult], labels: list[str], path: Path) -> Path:
-    """Grouped bars: one group per metric row, one bar per label (PNG)."""
+def comparison_plot(results: list[EvalResult], labels: list[str], path: Path, title: str | None = None) -> Path:
+    """One evaluator's results under several labels as a PNG: lines per curve and label when the
+    results have ``curves`` (accuracy against shots ...), else grouped bars per metric row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(dict.fromkeys(k for r in results for k in r.metrics))
-    width = 0.8 / max(1, len(results))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2), 3.6))
-    for j, (result, label) in enumerate(zip(results, labels)):
-        xs = [i + (j - (len(results) - 1) / 2) * width for i in range(len(rows))]
-        ax.bar(xs, [result.metrics.get(r, 0.0) for r in rows], width=width, label=label)
-    ax.set_xticks(range(len(rows)), rows, rotation=20, ha="right")
-    ax.set_ylim(0, 1.0)
+    if any(r.curves for r in results):
+        fig, ax = plt.subplots(figsize=(5.6, 3.8))
+        styles = ["-", "--", ":", "-."]
+        for j, (result, label) in enumerate(zip(results, labels)):
+            for c, (curve, points) in enumerate(result.curves.items()):
+                xs = list(points)
+                numeric = all(_is_number(x) for x in xs)
+                ax.plot([float(x) for x in xs] if numeric else xs, list(points.values()), styles[c % len(styles)],
+                        marker="o", color=f"C{j}", label=f"{label}: {curve}" if len(result.curves) > 1 or len(results) > 1 else curve)
+        ax.set_xlabel(results[0].x_label)
+    else:
+        rows = list(dict.fromkeys(k for r in results for k in r.metrics))
+        width = 0.8 / max(1, len(results))
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2), 3.6))
+        for j, (result, label) in enumerate(zip(results, labels)):
+            xs = [i + (j - (len(results) - 1) / 2) * width for i in range(len(rows))]
+            ax.bar(xs, [result.metrics.get(r, 0.0) for r in rows], width=width, label=label)
+        ax.set_xticks(range(len(rows)), rows, rotation=20, ha="right")
+    top = max([v for r in results for v in r.metrics.values()] + [1.0])
+    ax.set_ylim(0, 1.02 * top)
     ax.set_ylabel(results[0].metric)
-    ax.set_title(results[0].name)
-    ax.legend()
+    ax.set_title(title or results[0].name)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
@@ -141,3 +156,11 @@ def comparison_plot(results: list[EvalResult], labels: list[str], path: Path) ->
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

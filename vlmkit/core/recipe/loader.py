@@ -152,7 +152,7 @@ def resolve_mapping(
 
 
 _PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
-PLACEHOLDERS = ("recipe_dir", "demo_data", "data_root", "package:NAME")
+PLACEHOLDERS = ("recipe_dir", "demo_data", "lcl_data", "data_root", "package:NAME")
 
 
 def _expand_placeholders(node: Any, recipe_dir: Path, source: str, loc: tuple[str, ...]) -> Any:
@@ -160,6 +160,8 @@ def _expand_placeholders(node: Any, recipe_dir: Path, source: str, loc: tuple[st
 
     - ``${recipe_dir}``: the recipe file's folder;
     - ``${demo_data}``: the demo MIMIC-IT data in the user's cache, written on first use;
+    - ``${lcl_data}``: the synthetic ISEKAI-like concepts (:mod:`vlmkit.core.data.synthetic_concepts`),
+      written to the cache on first use;
     - ``${data_root}``: where a user keeps real data sets (MIMIC-IT, LLaVA, captions):
       ``$VLMKIT_DATA_ROOT``, else ``./data`` (the ``paper`` profiles read from there);
     - ``${package:NAME}``: the folder of the installed Python package ``NAME``, found without
@@ -179,6 +181,10 @@ def _expand_placeholders(node: Any, recipe_dir: Path, source: str, loc: tuple[st
             from vlmkit.core.data.demo import demo_data_dir
 
             return str(demo_data_dir())
+        if name == "lcl_data":
+            from vlmkit.core.data.synthetic_concepts import concepts_data_dir
+
+            return str(concepts_data_dir())
         if name == "data_root":
             import os
 
@@ -311,6 +317,12 @@ def validate_mapping(
                     f"stages.{i}.data.{j}: no dataset '{alias}' in the recipe's data section{suggest(alias, recipe.data)} "
                     f"defined: {listing(recipe.data)}"
                 )
+        mixed = [a for a in stage.data if a in datasets and datasets[a].name == "lcl" and datasets[a].config.strategy == "mix"]
+        if mixed and (len(stage.data) < 2 or stage.mix != "even"):
+            problems.append(
+                f"stages.{i}: data.{mixed[0]} has strategy 'mix' (LCL episodes mixed evenly with other data): the stage needs "
+                f"another dataset in its data list and mix: even (it has {len(stage.data)} dataset(s), mix: {stage.mix})"
+            )
     evaluators: list[BuiltComponentSpec] = []
     for i, ev in enumerate(recipe.eval):
         options = {k: v for k, v in (ev.model_extra or {}).items()}

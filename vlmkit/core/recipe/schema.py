@@ -163,9 +163,9 @@ class StageSpec(Strict):
     max_grad_norm: PositiveFloat | None = 1.0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     log_every: PositiveInt = 1
-    mix: Literal["size", "weights"] = Field(
+    mix: Literal["size", "weights", "even"] = Field(
         "size", description="with several datasets, each micro-batch comes from one of them, drawn in "
-        "proportion to their sizes or to their `weight`"
+        "proportion to their sizes, to their `weight`, or evenly"
     )
     max_length: PositiveInt | None = Field(
         None, description="tokens per sample; longer samples lose in-context examples from the front"

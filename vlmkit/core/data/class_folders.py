@@ -1,0 +1,60 @@
+"""``class_folders``: pictures in one folder per class, as (picture, "What is in the image?", class name).
+
+For classification evaluations (``fewshot`` with ``task: classification``) and any template that
+renders single exchanges. Classes are the sub-folders of ``root`` in name order (``_`` reads as a
+space in the class name); records are every picture of every class, class by class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from vlmkit.core.data.lcl import IMAGE_SUFFIXES, QUESTION, display_name
+from vlmkit.core.data.records import Exchange, Media, Record, Turn
+from vlmkit.core.errors import VlmkitError
+from vlmkit.core.interfaces import Dataset, DatasetConfig
+
+
+class ClassFoldersConfig(DatasetConfig):
+    root: str
+    """A folder of class folders."""
+    classes: list[str] | None = None
+    """Only these class folders (default: all)."""
+
+
+class ClassFolders(Dataset):
+    """Labelled pictures from class folders."""
+
+    Config = ClassFoldersConfig
+
+    def __init__(self, config: ClassFoldersConfig):
+        super().__init__(config)
+        root = Path(config.root).expanduser()
+        if not root.is_dir():
+            raise VlmkitError(f"class_folders.root: '{root}' is not a folder of class folders")
+        names = config.classes or sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        missing = [c for c in names if not (root / c).is_dir()]
+        if missing:
+            raise VlmkitError(f"class_folders.classes: no folder {', '.join(repr(m) for m in missing)} in '{root}'")
+        self.root = root
+        self.classes = [display_name(c) for c in names]
+        self.items = [(f, display_name(c)) for c in names
+                      for f in sorted((root / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not self.items:
+            raise VlmkitError(f"class_folders.root: no pictures ({', '.join(IMAGE_SUFFIXES)}) in the class folders of '{root}'")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Record:
+        file, name = self.items[index]
+        try:
+            with Image.open(file) as img:
+                image = img.convert("RGB")
+        except OSError as exc:
+            raise VlmkitError(f"class_folders: picture '{file}' cannot be read: {exc}") from None
+        rid = str(file.relative_to(self.root))
+        return Record(id=rid, group="IMAGE_TEXT",
+                      query=Exchange([Turn("user", QUESTION), Turn("assistant", name)], media=[Media(rid, [image])]))
