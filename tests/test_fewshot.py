@@ -135,3 +135,31 @@ def test_class_folders_and_errors(tmp_path, model):
     with pytest.raises(VlmkitError, match="no picture"):
         FewShotEvaluator(FewShotConfig(task="vqa", support="support", query="query", shots=[1])).evaluate(
             model, _context(tmp_path, [text_only] * 3, [text_only]))
+
+
+def test_recipes_eval_runs_fewshot_on_a_trained_run(tmp_path, capsys):
+    import json
+
+    from vlmkit.core.cli import main
+    from vlmkit.core.engine import run
+
+    out = tmp_path / "run"
+    run(load_recipe("otter_mimicit", "smoke"), out, progress=False)
+    entries = [{"type": "fewshot", "task": "vqa", "support": "images", "query": "eval_images", "shots": [0, 2],
+                "limit": 3, "max_new_tokens": 2},
+               {"type": "fewshot", "task": "captioning", "support": "captions", "query": "captions", "shots": [2],
+                "demos": "rices", "limit": 3, "max_new_tokens": 3, "num_beams": 1}]
+    assert main(["eval", str(out), "--set", "eval=" + json.dumps(entries), "--label", "fs", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "fewshot_vqa: VQA accuracy" in printed and "fewshot_captioning: CIDEr-D" in printed
+    vqa = json.loads((out / "eval" / "fs" / "fewshot_vqa.json").read_text())
+    assert vqa["counts"] == {"0 shots": 3, "2 shots": 3} and set(vqa["curves"]["VQA accuracy"]) == {"0", "2"}
+    assert (out / "eval" / "fs" / "fewshot_captioning.png").is_file()
+
+
+def test_recipes_data_concepts_writes_the_benchmark(tmp_path, capsys):
+    from vlmkit.core.cli import main
+
+    assert main(["data", "concepts", "--out", str(tmp_path / "c"), "--seed", "2"]) == 0
+    assert "90 training classes" in capsys.readouterr().out
+    assert (tmp_path / "c" / "heldout_pairs.json").is_file() and len(list((tmp_path / "c" / "train").iterdir())) == 90

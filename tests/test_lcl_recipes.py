@@ -17,7 +17,7 @@ from vlmkit.core.recipe.loader import RecipeError, load_recipe
 def test_smoke_profile_trains_and_writes_the_lcl_evaluations(name, tmp_path):
     resolved = load_recipe(name, "smoke")
     result = run(resolved, tmp_path / "run", progress=False)
-    assert [s.steps for s in result.stages] == [2]
+    assert [s.steps for s in result.stages] == [2, 2]
     names = [r.name for r in result.evaluations["after"]]
     assert names == ["lcl", "lcl_false_ratio", "lcl_position"]
     folder = tmp_path / "run" / "eval" / "after"
@@ -33,7 +33,8 @@ def test_smoke_profile_trains_and_writes_the_lcl_evaluations(name, tmp_path):
 def test_the_icl_twin_differs_only_in_its_training_data():
     lcl, icl = load_recipe("lcl_repro"), load_recipe("lcl_repro_icl")
     assert lcl.recipe.model == icl.recipe.model and lcl.recipe.eval == icl.recipe.eval
-    a, b = lcl.recipe.stages[0], icl.recipe.stages[0]
+    assert lcl.recipe.stages[0] == icl.recipe.stages[0]  # the same align stage: the same starting model
+    a, b = lcl.recipe.stages[1], icl.recipe.stages[1]
     assert a.data == ["lcl_train"] and b.data == ["in_context"]
     assert a.model_dump(exclude={"data"}) == b.model_dump(exclude={"data"})
     assert icl.datasets["in_context"].config.group == "IMAGE_TEXT_IN_CONTEXT"
@@ -45,8 +46,8 @@ def _mix_recipe(tmp_path, mix, data):
     recipe = base.recipe.model_dump(exclude_none=True, exclude={"profiles", "default_profile", "extends"})
     recipe["data"]["lcl_train"]["strategy"] = "mix"
     recipe["data"]["captions"] = {"type": "toy_captions", "template": "llava_plain", "num_samples": 16}
-    recipe["stages"][0]["data"] = data
-    recipe["stages"][0]["mix"] = mix
+    recipe["stages"][1]["data"] = data
+    recipe["stages"][1]["mix"] = mix
     return write_recipe(tmp_path, recipe)
 
 
@@ -56,7 +57,7 @@ def test_mix_strategy_needs_an_even_mix_with_other_data(tmp_path):
     with pytest.raises(RecipeError, match="another dataset"):
         load_recipe(_mix_recipe(tmp_path, "even", ["lcl_train"]))
     ok = load_recipe(_mix_recipe(tmp_path, "even", ["lcl_train", "captions"]))
-    assert ok.recipe.stages[0].mix == "even"
+    assert ok.recipe.stages[1].mix == "even"
 
 
 def test_an_even_mix_draws_datasets_equally_whatever_their_sizes():

@@ -300,6 +300,21 @@ def test_lcl_examples_and_final_question():
     assert by_collator(s, tok)[1] == f" zorp{EOS}"
 
 
+def test_lcl_trains_repeated_example_labels_when_asked():
+    tok = make_tokenizer()
+    q = "What is in the image?"
+    rec = record(ex(q, "zorp", media=[image("q")]),
+                 context=[ex(q, "zorp", media=[image("a")]), ex(q, "cat", media=[image("b")]),
+                          ex(q, "zorp", media=[image("c")]), ex(q, "cat", media=[image("d")])])
+    plain = template(LCLTemplate, context_answer="{label}", final_answer="{label}").render(rec, tok)
+    dense = template(LCLTemplate, context_answer="{label}", final_answer="{label}", train_repeated_labels=True).render(rec, tok)
+    assert "".join(t for t, _ in plain.segments) == "".join(t for t, _ in dense.segments)  # the same text
+    assert by_collator(plain, tok)[1] == f" zorp{EOS}"
+    # the first zorp and the first cat are new words: not trained; their repeats and the final answer are
+    assert by_collator(dense, tok)[1] == f" zorp cat zorp{EOS}"
+    assert [seg for seg in dense.segments if seg[1]] == [(" zorp", True), (" cat", True), (f" zorp{EOS}", True)]
+
+
 def test_lcl_record_shape_errors():
     tok = make_tokenizer()
     with pytest.raises(VlmkitError, match="rec-1.*exactly one image"):

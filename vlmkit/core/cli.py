@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder to write (default: the per-user cache, written once)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files (default 0)")
     p.add_argument("--size", default="small", choices=("tiny", "small", "medium"), help="how much (default small)")
+    p = data_sub.add_parser("concepts", parents=[common],
+                            help="write the synthetic ISEKAI-like concepts (LCL training classes, held-out novel concepts)")
+    p.add_argument("--out", type=Path, help="folder to write (default: the per-user cache, written once: ${lcl_data})")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files (default 0)")
     return parser
 
 
@@ -304,6 +308,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from vlmkit.core.data import demo
 
+    if args.data_command == "concepts":
+        from vlmkit.core.data import synthetic_concepts as concepts
+
+        out = concepts.concepts_data_dir(args.seed) if args.out is None else concepts.write_concepts(args.out, seed=args.seed)
+        meta = json.loads((out / "concepts.json").read_text(encoding="utf-8"))
+        pairs = json.loads((out / "heldout_pairs.json").read_text(encoding="utf-8"))
+        print(f"{out}: {meta['train_classes']} training classes in train/ ({meta['train_images_per_class']} pictures each), "
+              f"{meta['heldout_novel']} held-out novel concepts in heldout/ with their look-alikes "
+              f"(heldout_pairs.json), e.g. " + ", ".join(f"{k} ~ {v}" for k, v in list(pairs.items())[:3]))
+        return 0
     if args.out is None:
         out = demo.demo_data_dir(args.seed, args.size)
         manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))

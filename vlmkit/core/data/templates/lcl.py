@@ -19,7 +19,9 @@ The answers are phrased as in the reference code (``policy_2way_weight``): an ex
 ``[END EXAMPLE]``; set ``final_answer: "{label}"`` to train on the bare name).
 
 Loss: only the final answer -- its leading space (the prompt ends with ``ASSISTANT:``), the
-sentence, and the EOS. The examples are never trained.
+sentence, and the EOS. The examples are not trained, unless ``train_repeated_labels`` is on: then
+the answer of an example whose label already appeared earlier is trained too (its leading space and
+sentence, not `` [END EXAMPLE]``).
 
 Where the reference code differs from REFERENCE 1.5's string, REFERENCE is followed: the code builds
 each example with its FastChat/vicuna conversation templates (a ``USER: `` before each question and
@@ -61,6 +63,10 @@ class LCLConfig(TemplateConfig):
     """An in-context example's answer; ``{label}`` is its assistant text. `` [END EXAMPLE]`` follows."""
     final_answer: str = 'there is "{label}" in the image.'
     """The trained final answer; ``{label}`` is the query's assistant text."""
+    train_repeated_labels: bool = False
+    """Also train the answer of every example whose label an earlier example already showed (it is
+    predictable from the link alone): a denser signal than the final answer. The reference trains
+    only the final answer (off)."""
 
     @field_validator("context_answer", "final_answer")
     @classmethod
@@ -91,11 +97,15 @@ class LCLTemplate(Template):
         if cfg.system:
             b.add(cfg.system + " ")
         *context, (query, label) = labelled
+        shown: set[str] = set()
         for ex, example_label in context:
             with b.unit():
                 b.media(ex.media)
                 answer = cfg.context_answer.replace("{label}", example_label)
-                b.add(f"{EXAMPLE_QUESTION} {answer} {END_EXAMPLE} ")
+                b.add(EXAMPLE_QUESTION)
+                b.add(f" {answer}", cfg.train_repeated_labels and example_label in shown)
+                b.add(f" {END_EXAMPLE} ")
+            shown.add(example_label)
         b.media(query.media)
         b.add(FINAL_QUESTION)
         b.add(" " + cfg.final_answer.replace("{label}", label) + eos, True)
