@@ -156,6 +156,8 @@ BUILTINS = [  # registry.yaml order, grouped by kind as the hooks register them
     ("dataset", "llava"),
     ("dataset", "captions"),
     ("dataset", "text_only"),
+    ("dataset", "lcl"),
+    ("dataset", "class_folders"),
     ("template", "otter"),
     ("template", "llava_plain"),
     ("template", "vicuna_v1"),
@@ -163,6 +165,10 @@ BUILTINS = [  # registry.yaml order, grouped by kind as the hooks register them
     ("template", "lcl"),
     ("template", "chat_template"),
     ("evaluator", "instructions"),
+    ("evaluator", "lcl"),
+    ("evaluator", "lcl_false_ratio"),
+    ("evaluator", "lcl_position"),
+    ("evaluator", "fewshot"),
 ]
 
 
