@@ -115,25 +115,37 @@ class MaskedCrossAttention(nn.Module):
         image_index: torch.Tensor,
         media_mask: torch.Tensor | None = None,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        masks: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``x (B, L, D)`` text, ``media (B, T_img, Q, d_vis)``, ``image_index (B, L)`` long (1-based
         index of each token's image, 0 before the first), ``media_mask (B, T_img)`` bool (True = real
-        image; default all real), ``kv``: :meth:`media_kv` of ``media`` if already computed.
+        image; default all real), ``kv``: :meth:`media_kv` of ``media`` if already computed,
+        ``masks``: :meth:`attention_masks` if already computed.
         Returns the attention output ``(B, L, D)``, exactly 0 where a token may attend no image."""
-        T, Q = media.shape[1], media.shape[2]
         q = self._split(self.to_q(self.norm(x)))  # (B, h, L, dh)
         k, v = kv if kv is not None else self.media_kv(media)  # (B, h, T*Q, dh)
-        media_time = torch.arange(1, T + 1, device=x.device)  # (T,)
+        if masks is None:
+            masks = self.attention_masks(image_index, media_mask, media.shape[1], media.shape[2])
+        mask, sees = masks
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, L, dh), scale dh^-0.5
+        out = out * sees.to(out.dtype)
+        return self.to_out(out.transpose(1, 2).flatten(2))  # (B, L, D)
+
+    def attention_masks(
+        self, image_index: torch.Tensor, media_mask: torch.Tensor | None, T: int, Q: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention mask ``(B, 1, L, T*Q)`` bool and the rows that see an image ``(B, 1, L, 1)``
+        (float 0/1) for tokens with ``image_index (B, L)``; the same for every block of one call,
+        so the fusion computes them once."""
+        media_time = torch.arange(1, T + 1, device=image_index.device)  # (T,)
         index = image_index.unsqueeze(-1)  # (B, L, 1)
         allowed = index == media_time if self.only_attend_immediate_media else index >= media_time  # (B, L, T)
         if media_mask is not None:
             allowed = allowed & media_mask.unsqueeze(1)
         sees_media = allowed.any(-1)  # (B, L)
-        # a row that may attend nothing gets any valid mask (no NaN) and its output zeroed below
+        # a row that may attend nothing gets any valid mask (no NaN) and its output is zeroed
         mask = (allowed | ~sees_media.unsqueeze(-1)).repeat_interleave(Q, dim=-1)  # (B, L, T*Q)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))  # (B, h, L, dh), scale dh^-0.5
-        out = out * sees_media[:, None, :, None].to(out.dtype)
-        return self.to_out(out.transpose(1, 2).flatten(2))  # (B, L, D)
+        return mask.unsqueeze(1), sees_media[:, None, :, None].float()
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -171,9 +183,10 @@ class GatedCrossAttentionBlock(nn.Module):
         image_index: torch.Tensor,
         media_mask: torch.Tensor | None = None,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        masks: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Arguments as :meth:`MaskedCrossAttention.forward`; returns the new text states ``(B, L, D)``."""
-        x = x + self.attn_gate.tanh() * self.attn(x, media, image_index, media_mask, kv)
+        x = x + self.attn_gate.tanh() * self.attn(x, media, image_index, media_mask, kv, masks)
         return x + self.ff_gate.tanh() * self.ff(x)
 
 
@@ -196,6 +209,7 @@ class _Media:
     n_images: torch.Tensor | None = None
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     expanded: bool = False
+    masks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (image_index, mask, sees)
 
     def expand_to(self, batch: int) -> None:
         """Repeat every per-row tensor for transformers' batch expansion (``num_beams``,
@@ -328,7 +342,10 @@ class GatedCrossAttentionFusion(Fusion):
             if block_no not in state.kv:
                 state.kv[block_no] = block.attn.media_kv(media)
             kv = state.kv[block_no]
-        out = block(hidden.to(dtype), media, index, state.media_mask, kv).to(hidden.dtype)
+        if state.masks is None or state.masks[0] is not index:  # once per call (per step in generate)
+            state.masks = (index, *block.attn.attention_masks(index, state.media_mask, media.shape[1], media.shape[2]))
+        masks = (state.masks[1], state.masks[2].to(dtype))
+        out = block(hidden.to(dtype), media, index, state.media_mask, kv, masks).to(hidden.dtype)
         if args:
             return (out, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": out}

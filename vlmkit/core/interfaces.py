@@ -233,6 +233,13 @@ class LanguageDecoder(nn.Module, ABC):
         return None
 
     @property
+    def supports_logits_to_keep(self) -> bool:
+        """Whether :meth:`forward` takes ``logits_to_keep``, a ``(B, L)`` bool mask, and then returns
+        ``logits (num_true, vocab)`` for those positions only (the engine asks for the positions that
+        predict a trained token, so prompts and images skip the vocabulary projection). Default: no."""
+        return False
+
+    @property
     @abstractmethod
     def tokenizer(self) -> Any:
         """A ``transformers`` tokenizer (``PreTrainedTokenizerBase``)."""

@@ -198,6 +198,15 @@ class HFCausalLM(LanguageDecoder):
             )
         return list(mapping[model_type])
 
+    @property
+    def supports_logits_to_keep(self) -> bool:
+        """transformers models whose ``forward`` takes ``logits_to_keep`` (most causal LMs of
+        transformers >= 4.50 / 5; a (B, L) bool mask keeps the True positions)."""
+        import inspect
+
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+
     def forward(
         self,
         inputs_embeds: torch.Tensor,

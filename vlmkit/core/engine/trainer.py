@@ -106,6 +106,7 @@ class Engine:
         self.progress = progress and self.main
         self.trained: set[str] = set()  # parameter names trained so far in the run
         self.log = None
+        self._logits_to_keep: bool | None = None  # the decoder projects only the kept positions
 
     # ------------------------------------------------------------------ the run
     def run(self, resume: bool | None) -> RunResult:
@@ -389,17 +390,28 @@ class Engine:
         world = acc.num_processes
         dtype = _AUTOCAST.get(stage.precision)
         loss_sum = torch.zeros((), device=device)
+        if self._logits_to_keep is None:
+            self._logits_to_keep = bool(acc.unwrap_model(wrapped).decoder.supports_logits_to_keep)
+        only_trained = self._logits_to_keep
         for i, batch in enumerate(micro):
             tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             labels = tensors.pop("labels")
             sync = contextlib.nullcontext() if i == len(micro) - 1 or world == 1 else acc.no_sync(wrapped)
             with sync:
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    logits = wrapped(**tensors).logits
-                ce = F.cross_entropy(
-                    logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                    ignore_index=IGNORE, reduction="sum",
-                )
+                if only_trained:
+                    # project onto the vocabulary only the positions that predict a trained token
+                    targets = labels[:, 1:]
+                    keep = F.pad(targets != IGNORE, (0, 1), value=False)  # (B, L): position t predicts t+1
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        logits = wrapped(**tensors, logits_to_keep=keep).logits  # (kept, vocab)
+                    ce = F.cross_entropy(logits.float(), targets[targets != IGNORE], reduction="sum")
+                else:
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        logits = wrapped(**tensors).logits
+                    ce = F.cross_entropy(
+                        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                        ignore_index=IGNORE, reduction="sum",
+                    )
                 if not torch.isfinite(ce):
                     ids = ", ".join(batch["ids"])
                     raise VlmkitError(
