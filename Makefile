@@ -33,6 +33,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
+	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/parquet_memory.py
 
 clean:

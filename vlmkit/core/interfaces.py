@@ -236,7 +236,8 @@ class LanguageDecoder(nn.Module, ABC):
     def supports_logits_to_keep(self) -> bool:
         """Whether :meth:`forward` takes ``logits_to_keep``, a ``(B, L)`` bool mask, and then returns
         ``logits (num_true, vocab)`` for those positions only (the engine asks for the positions that
-        predict a trained token, so prompts and images skip the vocabulary projection). Default: no."""
+        predict a trained token, so prompts and images skip the vocabulary projection), and
+        ``use_cache=False``. Default: no."""
         return False
 
     @property

@@ -403,7 +403,8 @@ class Engine:
                     targets = labels[:, 1:]
                     keep = F.pad(targets != IGNORE, (0, 1), value=False)  # (B, L): position t predicts t+1
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        logits = wrapped(**tensors, logits_to_keep=keep).logits  # (kept, vocab)
+                        # (kept, vocab); no KV cache is built for a training forward
+                        logits = wrapped(**tensors, logits_to_keep=keep, use_cache=False).logits
                     ce = F.cross_entropy(logits.float(), targets[targets != IGNORE], reduction="sum")
                 else:
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
