@@ -252,34 +252,41 @@ FLAMINGO_TUNE = {"encoder": "frozen", "connector": "full", "fusion": "full", "de
 PREFIX_TUNE = {"encoder": "frozen", "connector": "full", "fusion": "frozen", "decoder": "full"}
 
 
-def flamingo_recipe(scale: str) -> Any:
-    """Flamingo-style model and its training stage (perceiver and cross-attention train).
-
-    tiny: open_clip ViT (49 tokens) -> OpenFlamingo-sized perceiver -> cross-attention every 2 layers
-    of the tiny Llama. demo: the ``otter_mimicit`` recipe's demo model as shipped."""
+def _bench_recipe(scale: str, case: str, tiny_model: dict[str, Any], shipped: str, tune: dict[str, Any]) -> Any:
+    """One training stage of ``tune`` over ``tiny_model`` (on the toy recipe's data) at tiny scale,
+    or over the shipped recipe's demo model at demo scale."""
     if scale == "tiny":
         mapping = shipped_mapping("toy_prefix")
-        mapping["name"] = "bench_flamingo_tiny"
-        mapping["model"] = {
-            "encoder": {"name": "open_clip", "model_name": "ViT-B-32",
-                        "model_cfg": {"vision_cfg": dict(TINY_OPEN_CLIP_VISION), "text_cfg": dict(TINY_OPEN_CLIP_TEXT)}},
-            "connector": {"name": "perceiver", **OF_PERCEIVER},
-            "fusion": {"name": "gated_cross_attention", "every_n_layers": 2, **OF_XATTN},
-            "decoder": {"name": "hf_causal_lm", "tokenizer_type": "byte_level", "config": dict(TINY_LLAMA),
-                        "special_tokens": [EOC]},
-        }
-        _one_stage(mapping, dict(FLAMINGO_TUNE), ["shapes"])
+        mapping["name"] = f"bench_{case}_tiny"
+        mapping["model"] = tiny_model
+        _one_stage(mapping, dict(tune), ["shapes"])
         mapping.pop("profiles", None)
         mapping.pop("default_profile", None)
         return load(mapping, None)
-    mapping = shipped_mapping("otter_mimicit")
-    mapping["name"] = "bench_flamingo_demo"
-    _one_stage(mapping, dict(FLAMINGO_TUNE), ["captions"])
+    mapping = shipped_mapping(shipped)
+    mapping["name"] = f"bench_{case}_demo"
+    _one_stage(mapping, dict(tune), ["captions"])
     for profile in mapping.get("profiles", {}).values():
         if isinstance(profile, dict):
             profile.pop("stages", None)
             profile.pop("eval", None)
     return load(mapping, "demo")
+
+
+def flamingo_recipe(scale: str) -> Any:
+    """Flamingo-style model and its training stage (perceiver and cross-attention train).
+
+    tiny: open_clip ViT (49 tokens) -> OpenFlamingo-sized perceiver -> cross-attention every 2 layers
+    of the tiny Llama. demo: the ``otter_mimicit`` recipe's demo model as shipped."""
+    tiny = {
+        "encoder": {"name": "open_clip", "model_name": "ViT-B-32",
+                    "model_cfg": {"vision_cfg": dict(TINY_OPEN_CLIP_VISION), "text_cfg": dict(TINY_OPEN_CLIP_TEXT)}},
+        "connector": {"name": "perceiver", **OF_PERCEIVER},
+        "fusion": {"name": "gated_cross_attention", "every_n_layers": 2, **OF_XATTN},
+        "decoder": {"name": "hf_causal_lm", "tokenizer_type": "byte_level", "config": dict(TINY_LLAMA),
+                    "special_tokens": [EOC]},
+    }
+    return _bench_recipe(scale, "flamingo", tiny, "otter_mimicit", FLAMINGO_TUNE)
 
 
 def prefix_recipe(scale: str) -> Any:
@@ -288,28 +295,14 @@ def prefix_recipe(scale: str) -> Any:
     tiny: transformers CLIP vision tower (penultimate layer, 49 patch tokens) -> mlp2x_gelu -> prefix
     -> the tiny Llama. demo: the ``llava`` recipe's demo model as shipped (EfficientNet-Lite0,
     SmolLM2-135M)."""
-    if scale == "tiny":
-        mapping = shipped_mapping("toy_prefix")
-        mapping["name"] = "bench_prefix_tiny"
-        mapping["model"] = {
-            "encoder": {"name": "hf_vision", "config": dict(TINY_CLIP_VISION), "select_layer": -2,
-                        "select_feature": "patch"},
-            "connector": {"name": "mlp", "projector": "mlp2x_gelu"},
-            "fusion": {"name": "prefix"},
-            "decoder": {"name": "hf_causal_lm", "tokenizer_type": "byte_level", "config": dict(TINY_LLAMA)},
-        }
-        _one_stage(mapping, dict(PREFIX_TUNE), ["shapes"])
-        mapping.pop("profiles", None)
-        mapping.pop("default_profile", None)
-        return load(mapping, None)
-    mapping = shipped_mapping("llava")
-    mapping["name"] = "bench_prefix_demo"
-    _one_stage(mapping, dict(PREFIX_TUNE), ["captions"])
-    for profile in mapping.get("profiles", {}).values():
-        if isinstance(profile, dict):
-            profile.pop("stages", None)
-            profile.pop("eval", None)
-    return load(mapping, "demo")
+    tiny = {
+        "encoder": {"name": "hf_vision", "config": dict(TINY_CLIP_VISION), "select_layer": -2,
+                    "select_feature": "patch"},
+        "connector": {"name": "mlp", "projector": "mlp2x_gelu"},
+        "fusion": {"name": "prefix"},
+        "decoder": {"name": "hf_causal_lm", "tokenizer_type": "byte_level", "config": dict(TINY_LLAMA)},
+    }
+    return _bench_recipe(scale, "prefix", tiny, "llava", PREFIX_TUNE)
 
 
 def build(resolved: Any, meta: bool = False) -> Any:

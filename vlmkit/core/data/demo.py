@@ -64,6 +64,8 @@ __all__ = [
     "NUMBER_WORDS",
     "write_demo_data",
     "demo_data_dir",
+    "cache_root",
+    "cached_folder",
     "recipe_data",
     "summary",
     "recipe_snippet",
@@ -672,28 +674,34 @@ def cache_root() -> Path:
 
 def demo_data_dir(seed: int = 0, size: str = "small") -> Path:
     """The demo data of ``seed`` in the user's cache (``<cache>/demo-<version>-<seed>``, with
-    ``-<size>`` unless small), written on first use and reused after.
+    ``-<size>`` unless small), written on first use and reused after (:func:`cached_folder`)."""
+    if size not in SIZES:
+        raise VlmkitError(f"demo data size {size!r} unknown; choose one of: {', '.join(SIZES)}")
+    name = f"demo-{DEMO_VERSION}-{int(seed)}" + ("" if size == "small" else f"-{size}")
+    return cached_folder(name, FILES["manifest"], lambda tmp: write_demo_data(tmp, seed=seed, size=size))
+
+
+def cached_folder(name: str, marker: str, write: Any) -> Path:
+    """``<cache>/<name>``, written by ``write(folder)`` on first use and reused after (it exists
+    once ``marker`` does).
 
     Written into a temporary folder beside it and renamed into place, so a folder that exists is
     complete; when two processes race, one rename wins and the other's copy is discarded."""
-    if size not in SIZES:
-        raise VlmkitError(f"demo data size {size!r} unknown; choose one of: {', '.join(SIZES)}")
     root = cache_root()
-    name = f"demo-{DEMO_VERSION}-{int(seed)}" + ("" if size == "small" else f"-{size}")
     final = root / name
-    if (final / FILES["manifest"]).is_file():
+    if (final / marker).is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:
-        write_demo_data(tmp, seed=seed, size=size)
+        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp made it private
         try:
             os.rename(tmp, final)
         except OSError:
-            if not (final / FILES["manifest"]).is_file():  # not a finished copy of another process
+            if not (final / marker).is_file():  # not a finished copy of another process
                 raise
     finally:
         if tmp.exists():

@@ -25,14 +25,12 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from vlmkit.core.data.demo import cache_root
+from vlmkit.core.data.demo import cached_folder
 
 #: bump when the generated data changes
 CONCEPTS_VERSION = 1
@@ -226,25 +224,6 @@ def write_concepts(
 
 def concepts_data_dir(seed: int = 0) -> Path:
     """The benchmark of ``seed`` in the user's cache (``<cache>/concepts-<version>-<seed>``),
-    written on first use into a temporary folder and renamed into place."""
-    root = cache_root()
-    name = f"concepts-{CONCEPTS_VERSION}-{int(seed)}"
-    final = root / name
-    if (final / "concepts.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-    try:
-        write_concepts(tmp, seed=seed)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "concepts.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    written on first use (see :func:`vlmkit.core.data.demo.cached_folder`)."""
+    return cached_folder(f"concepts-{CONCEPTS_VERSION}-{int(seed)}", "concepts.json",
+                         lambda tmp: write_concepts(tmp, seed=seed))

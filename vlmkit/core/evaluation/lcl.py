@@ -113,15 +113,18 @@ class _LCLBase(Evaluator):
                         batch_size=self.config.batch_size, progress=context.progress, desc=desc)
 
     def _run(self, model: Any, context: EvalContext, settings: list[tuple[str, Any]],
-             name: str) -> tuple[list[dict], dict[str, float], dict[str, int]]:
-        """Generate and string-match every (setting, episode); ``settings``: (row, episode kwargs)."""
+             name: str) -> tuple[list[dict], dict[str, float], dict[str, int], dict[str, list[Episode]]]:
+        """Generate and string-match every (setting, episode); ``settings``: (row, episode kwargs).
+        Also returns each row's episodes."""
         dataset, template = self._dataset(context)
         items: list[dict] = []
         metrics: dict[str, float] = {}
         counts: dict[str, int] = {}
+        drawn: dict[str, list[Episode]] = {}
         for row, kwargs in settings:
             episodes = [dataset.episode(i, seed=self.config.seed, **kwargs(i) if callable(kwargs) else kwargs)
                         for i in range(self.config.episodes)]
+            drawn[row] = episodes
             answers = self._answers(model, episodes, template, context, f"{context.label}: {name} {row}")
             marks = []
             for i, (ep, answer) in enumerate(zip(episodes, answers)):
@@ -131,7 +134,7 @@ class _LCLBase(Evaluator):
                               "reference": ep.answer, "other": ep.other, "prediction": answer, "correct": ok})
             metrics[row] = sum(marks) / len(marks)
             counts[row] = len(marks)
-        return items, metrics, counts
+        return items, metrics, counts, drawn
 
 
 def _curve(metrics: dict[str, float], rows: list[str], xs: list[int]) -> dict[str, float]:
@@ -152,15 +155,15 @@ class LCLShotsEvaluator(_LCLBase):
     def evaluate(self, model: Any, context: EvalContext) -> EvalResult:
         cfg = self.config
         rows = [f"{k} shots" for k in cfg.shots]
-        items, metrics, counts = self._run(model, context, [(r, {"shots": k}) for r, k in zip(rows, cfg.shots)],
-                                           "lcl")
+        items, metrics, counts, drawn = self._run(model, context, [(r, {"shots": k}) for r, k in zip(rows, cfg.shots)],
+                                                  "lcl")
         curves = {"string match": _curve(metrics, rows, cfg.shots)}
         if cfg.likelihood:
-            dataset, template = self._dataset(context)
+            template = self._dataset(context)[1]
             tokenizer = model.decoder.tokenizer
             by_id = {it["id"]: it for it in items}
-            for row, k in zip(rows, cfg.shots):
-                episodes = [dataset.episode(i, seed=cfg.seed, shots=k) for i in range(cfg.episodes)]
+            for row in rows:
+                episodes = drawn[row]
                 samples: list[Sample] = []
                 for ep in episodes:
                     samples += [template.render(_with_answer(ep, ep.answer), tokenizer),
@@ -192,7 +195,7 @@ class LCLFalseRatioEvaluator(_LCLBase):
                 return {"shots": cfg.shots, "swapped": frozenset(rng.sample(range(cfg.shots), round(ratio * cfg.shots)))}
             return kwargs
 
-        items, metrics, counts = self._run(model, context, [(r, swapped(x)) for r, x in zip(rows, cfg.ratios)],
+        items, metrics, counts, _ = self._run(model, context, [(r, swapped(x)) for r, x in zip(rows, cfg.ratios)],
                                            "lcl_false_ratio")
         curves = {"string match": {str(round(100 * x)): metrics[r] for r, x in zip(rows, cfg.ratios)}}
         return EvalResult(name="lcl_false_ratio", metric=f"accuracy at {cfg.shots} shots", metrics=metrics, counts=counts,
@@ -211,7 +214,7 @@ class LCLPositionEvaluator(_LCLBase):
         rows = ["no change"] + [f"position {p + 1} changed" for p in positions]
         settings = [("no change", {"shots": cfg.shots})] + [
             (f"position {p + 1} changed", {"shots": cfg.shots, "swapped": frozenset({p})}) for p in positions]
-        items, metrics, counts = self._run(model, context, settings, "lcl_position")
+        items, metrics, counts, _ = self._run(model, context, settings, "lcl_position")
         curves = {"string match": {str(p + 1): metrics[f"position {p + 1} changed"] for p in positions},
                   "no change": {str(p + 1): metrics["no change"] for p in positions}}
         return EvalResult(name="lcl_position", metric=f"accuracy at {cfg.shots} shots", metrics=metrics, counts=counts,
