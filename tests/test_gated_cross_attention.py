@@ -372,6 +372,88 @@ def test_beam_search_returns_new_tokens(gen_setup):
     assert two.shape == (4, 5)
 
 
+def _generate_greedy(fusion, dec, ids, mask, media, media_mask, new, **kw):
+    return fusion.generate(dec, ids, mask, media, media_mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           suppress_tokens=[fusion.image_token_id], **kw)
+
+
+_CACHE_KEYWORDS = ("cache", "past_key_values")  # transformers >= 5.24, and before
+
+
+def test_a_cache_keyword_the_fusion_does_not_know_changes_nothing(gen_setup, monkeypatch):
+    """A future transformers that hands the cache to the model under a new keyword: the fusion
+    reads no cache keyword, so cached generation still equals uncached, token for token."""
+    dec, fusion, ids, mask, media, media_mask = gen_setup
+    model = dec.generation_module()
+    renamed = []
+
+    def rename(module, args, kwargs):  # runs before the fusion's hook (registered earlier)
+        for key in _CACHE_KEYWORDS:
+            if kwargs.get(key) is not None:
+                kwargs["kv_store_of_a_future_version"] = kwargs.pop(key)
+                renamed.append(key)
+        return args, kwargs
+
+    original_forward = model.forward
+
+    def forward_with_the_name_restored(*args, **kwargs):  # runs after every pre-hook
+        store = kwargs.pop("kv_store_of_a_future_version", None)
+        if store is not None:
+            kwargs[renamed[-1]] = store
+        return original_forward(*args, **kwargs)
+
+    handle = model.register_forward_pre_hook(rename, with_kwargs=True)
+    monkeypatch.setattr(model, "forward", forward_with_the_name_restored)
+    try:
+        cached = _generate_greedy(fusion, dec, ids, mask, media, media_mask, 6, use_cache=True)
+    finally:
+        handle.remove()
+        monkeypatch.undo()
+    assert renamed, "the test did not see transformers pass a cache"
+    uncached = _generate_greedy(fusion, dec, ids, mask, media, media_mask, 6, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_generation_that_drops_its_cache_fails_instead_of_going_blind(gen_setup):
+    """A transformers that stops continuing from the cache (runs the whole sequence again at a step
+    after the first while the call asked for a cache) stops generation with an error."""
+    dec, fusion, ids, mask, media, media_mask = gen_setup
+    model = dec.generation_module()
+    seen: list[torch.Tensor] = []
+
+    def whole_sequence_again(module, args, kwargs):
+        chunk = kwargs["input_ids"]
+        if seen:
+            kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KEYWORDS + ("position_ids", "cache_position")}
+            kwargs["input_ids"] = torch.cat([*seen, chunk], 1)
+        seen.append(chunk)
+        return args, kwargs
+
+    handle = model.register_forward_pre_hook(whole_sequence_again, with_kwargs=True)
+    try:
+        with pytest.raises(RuntimeError, match="whole sequence .* again although the call asked for a KV cache"):
+            _generate_greedy(fusion, dec, ids, mask, media, media_mask, 4, use_cache=True)
+    finally:
+        handle.remove()
+    assert fusion._state is None  # the failed call left nothing behind: the next one works
+    assert _generate_greedy(fusion, dec, ids, mask, media, media_mask, 2).shape == (2, 2)
+
+
+def test_generation_steps_accept_only_whole_prompts_and_one_token_steps():
+    from vlmkit.connectors.gated_cross_attention import GenerationSteps
+
+    cached = GenerationSteps(prompt_len=5, use_cache=True)
+    assert [cached.advance(5), cached.advance(1), cached.advance(1)] == [0, 5, 6]
+    with pytest.raises(RuntimeError, match="expected 1 new tokens after the 7 cached"):
+        cached.advance(2)
+    uncached = GenerationSteps(prompt_len=5, use_cache=False)
+    assert [uncached.advance(5), uncached.advance(6), uncached.advance(7)] == [0, 0, 0]
+    with pytest.raises(RuntimeError, match="whole sequence of 8 tokens"):
+        uncached.advance(1)
+    with pytest.raises(RuntimeError, match="no chunked prefill"):
+        GenerationSteps(prompt_len=5, use_cache=True).advance(3)
+
+
 # ------------------------------------------------------------------------------------- gradients
 def test_gradients_reach_blocks_and_not_a_frozen_decoder():
     dec = _decoder("llama")

@@ -28,10 +28,16 @@ outside the fusion, is an error. Under gradient checkpointing the decoder layers
 but the blocks (run by the hooks, outside the checkpointed ``forward``) are not.
 
 Cached generation: transformers' ``generate`` runs the prompt, then one new token per step through
-the KV cache. A pre-hook on the decoder's transformers model sees each step's ``input_ids`` chunk
-and the cache length; the chunk's image indices continue the count of the tokens already in the
-cache, so generated tokens keep attending to the last image of their row (the bug OpenFlamingo 2.0
-fixed and Otter kept: the new tokens lost the image).
+the KV cache. A pre-hook on the decoder's transformers model sees each step's ``input_ids`` chunk.
+The fusion counts the tokens itself (:class:`GenerationSteps`): the first step is the whole prompt,
+every later step adds one token to each row, so a chunk of ``l`` tokens at step ``k`` either
+continues the ``c`` tokens already run (cached: ``c + l = L + k``) or is the whole sequence again
+(uncached: ``l = L + k``). The chunk's image indices continue the prompt's ``<image>`` count at
+``c``, so generated tokens keep attending to the last image of their row (the bug OpenFlamingo 2.0
+fixed and Otter kept: the new tokens lost the image). Nothing is read from the keyword under
+which transformers passes its cache (it was ``past_key_values`` and became ``cache`` in 5.24), and
+any step that fits neither pattern, or runs uncached when the call asked for a cache, stops the
+generation with an error instead of giving the new tokens a wrong image.
 """
 
 from __future__ import annotations
@@ -54,9 +60,12 @@ __all__ = [
     "GatedCrossAttentionBlock",
     "MaskedCrossAttention",
     "IMAGE_TOKEN",
+    "GenerationSteps",
 ]
 
 IMAGE_TOKEN = "<image>"
+# the names transformers' models have taken a KV cache under (refused as inputs to forward and generate)
+_CACHE_INPUTS = ("past_key_values", "cache")
 
 
 class GatedCrossAttentionConfig(FusionConfig):
@@ -192,6 +201,55 @@ class GatedCrossAttentionBlock(nn.Module):
 
 # ------------------------------------------------------------------------------------------ fusion
 @dataclass
+class GenerationSteps:
+    """The fusion's own count of the tokens one ``generate`` call has run, per step.
+
+    ``prompt_len`` = ``L``, the prompt's length; ``use_cache``: whether the call asked for a KV
+    cache. ``steps`` decoder calls have run so far and ``tokens_run`` tokens of each row have gone
+    through the decoder (the cache's length when cached). Step ``k`` sees ``L + k`` tokens per row.
+    """
+
+    prompt_len: int
+    use_cache: bool
+    steps: int = 0
+    tokens_run: int = 0
+
+    def advance(self, chunk: int) -> int:
+        """Record a decoder call on ``chunk`` tokens per row; returns the position of the chunk's
+        first token in the sequence (the number of tokens already in the cache, 0 without one).
+        Raises ``RuntimeError`` when the chunk fits neither a cached nor an uncached step."""
+        k, length = self.steps, self.prompt_len + self.steps
+        if k == 0:
+            if chunk != self.prompt_len:
+                raise RuntimeError(
+                    f"gated_cross_attention: generate's first decoder call ran {chunk} tokens per row for a prompt "
+                    f"of {self.prompt_len}; the fusion supports prompts run whole (no chunked prefill)"
+                )
+            start = 0
+        elif chunk == length and not self.use_cache:
+            start = 0
+        elif chunk == length:
+            raise RuntimeError(
+                f"gated_cross_attention: generate step {k} ran the whole sequence ({chunk} tokens) again although the "
+                "call asked for a KV cache (use_cache=True): transformers did not continue from its cache. "
+                "Stopped rather than decode with unknown image positions; report the transformers version"
+            )
+        elif self.use_cache and chunk == length - self.tokens_run:
+            start = self.tokens_run
+        else:
+            expected = f"{length - self.tokens_run} new tokens after the {self.tokens_run} cached"
+            if not self.use_cache:
+                expected = f"the whole sequence of {length} tokens (use_cache=False)"
+            raise RuntimeError(
+                f"gated_cross_attention: generate step {k} ran {chunk} tokens per row; expected {expected}. "
+                "Only one new token per row and step is supported (no assisted or speculative decoding)"
+            )
+        self.steps += 1
+        self.tokens_run = start + chunk
+        return start
+
+
+@dataclass
 class _Media:
     """What the layer hooks need during one fusion call.
 
@@ -199,7 +257,8 @@ class _Media:
     repeated per row for beams once the expanded batch size is seen). ``image_index (B, l)``: the
     image index of each token of the chunk the decoder is running now. Generation only:
     ``prompt_count (B, L)`` = ``<image>`` tokens up to each prompt position, ``n_images (B,)`` =
-    real images per row, ``kv`` = block number -> that block's media keys and values.
+    real images per row, ``kv`` = block number -> that block's media keys and values, ``steps``:
+    the call's token count.
     """
 
     media: torch.Tensor
@@ -208,6 +267,7 @@ class _Media:
     prompt_count: torch.Tensor | None = None
     n_images: torch.Tensor | None = None
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    steps: GenerationSteps | None = None
     expanded: bool = False
     masks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (image_index, mask, sees)
 
@@ -365,9 +425,9 @@ class GatedCrossAttentionFusion(Fusion):
         (B, T_img)`` -> the decoder's output (``logits (B, L, vocab)``, ``loss`` with labels). The
         ``<image>`` positions carry no loss."""
         self._check_attached()
-        if decoder_kwargs.get("past_key_values") is not None:
+        if any(decoder_kwargs.get(key) is not None for key in _CACHE_INPUTS):
             raise VlmkitError(
-                "gated_cross_attention: forward runs whole sequences and cannot continue a past_key_values cache "
+                "gated_cross_attention: forward runs whole sequences and cannot continue a KV cache "
                 "(the images of the cached tokens are unknown); use generate for cached decoding"
             )
         if self._state is not None:
@@ -388,23 +448,25 @@ class GatedCrossAttentionFusion(Fusion):
         """Forward pre-hook of the transformers model during :meth:`generate`: set the image indices
         of this step's ``input_ids`` chunk ``(B', l)``.
 
-        The chunk follows the ``c`` tokens already in the KV cache (``c = 0`` without a cache: the
-        chunk is the whole sequence). Its indices continue the prompt's ``<image>`` count at ``c``;
-        they are capped at the row's number of real images, so a generated ``<image>`` token (which
-        has no image behind it) leaves the new tokens on the row's last image. Every generated token
-        thus attends to the last image of its row, in every beam and whatever the cache order."""
+        The chunk's position in the sequence comes from the fusion's own token count
+        (:meth:`GenerationSteps.advance`), never from transformers' cache arguments. Its indices
+        continue the prompt's ``<image>`` count at that position; they are capped at the row's
+        number of real images, so a generated ``<image>`` token (which has no image behind it)
+        leaves the new tokens on the row's last image. Every generated token thus attends to the
+        last image of its row, in every beam and whatever the cache order."""
         state = self._state
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise RuntimeError("gated_cross_attention: generate ran a step without input_ids")
         state.expand_to(input_ids.shape[0])
-        cache = kwargs.get("past_key_values")
-        cached = int(cache.get_seq_length()) if cache is not None else 0
+        start = state.steps.advance(input_ids.shape[1])
         prompt_len = state.prompt_count.shape[1]
-        if cached == 0:
+        if start == 0:
             before = torch.zeros_like(state.n_images)
+        elif start <= prompt_len:
+            before = state.prompt_count[:, start - 1]  # (B',) images in the tokens before the chunk
         else:
-            before = state.prompt_count[:, min(cached, prompt_len) - 1]  # (B',) images in the cached tokens
+            before = state.n_images  # every prompt image lies before a generated token
         index = before.unsqueeze(1) + (input_ids == self.image_token_id).cumsum(1)  # (B', l)
         state.image_index = torch.minimum(index, state.n_images.unsqueeze(1))
 
@@ -421,7 +483,7 @@ class GatedCrossAttentionFusion(Fusion):
         through the decoder's ``generate`` (token ids in, KV cache on by default, beam search and
         sampling supported). Returns only the new tokens ``(B * num_return_sequences, new)``."""
         self._check_attached()
-        for key in ("inputs_embeds", "past_key_values"):
+        for key in ("inputs_embeds", *_CACHE_INPUTS):
             if generate_kwargs.get(key) is not None:
                 raise VlmkitError(f"gated_cross_attention: generate takes token ids only; do not pass {key}")
         if generate_kwargs.get("return_dict_in_generate"):
@@ -436,13 +498,25 @@ class GatedCrossAttentionFusion(Fusion):
         generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
         generate_kwargs.setdefault("eos_token_id", tok.eos_token_id)
         model = decoder.generation_module()
+        # the cache decision is made here and passed on, so the step count knows what to expect
+        use_cache = generate_kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = bool(getattr(getattr(model, "generation_config", None), "use_cache", True))
+        generate_kwargs["use_cache"] = bool(use_cache)
+        steps = GenerationSteps(prompt_len=input_ids.shape[1], use_cache=bool(use_cache))
         handle = model.register_forward_pre_hook(self._step_hook, with_kwargs=True)
         self._state = _Media(
-            media=media, media_mask=media_mask, prompt_count=is_image.cumsum(1), n_images=n_images, kv={}
+            media=media, media_mask=media_mask, prompt_count=is_image.cumsum(1), n_images=n_images, kv={}, steps=steps
         )
         try:
             out = decoder.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         finally:
             handle.remove()
             self._state = None
+        new = out.shape[1] - input_ids.shape[1]
+        if steps.steps != new:
+            raise RuntimeError(
+                f"gated_cross_attention: generate returned {new} new tokens per row after {steps.steps} decoder calls; "
+                "the fusion expects one call per new token, so the image positions of this output cannot be trusted"
+            )
         return out[:, input_ids.shape[1] :]
