@@ -292,7 +292,7 @@ def test_image_text_with_train_config(tmp_path, fmt):
     assert isinstance(first, Record) and first.id == "INS_4" and first.group == "IMAGE_TEXT"
     assert texts(first.query) == ("Describe the image.", "More noise.")
     assert first.query.id == "INS_4"
-    # the last 3 ids of the train config's list (not INS_4's rel_ins_ids)
+    # every id of the train config's list (not INS_4's rel_ins_ids)
     assert [c.id for c in first.context] == ["INS_1", "INS_5", "INS_6"]
     assert [texts(c) for c in first.context] == [
         ("What is in the picture?", "Static noise."),

@@ -12,7 +12,12 @@ import torch
 from tiny import resolved_toy
 from vlmkit.core.compose import build_model
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.importers.openflamingo import IGNORED, import_openflamingo, map_openflamingo_state_dict
+from vlmkit.core.importers.openflamingo import (
+    IGNORED,
+    TokenNormWarning,
+    import_openflamingo,
+    map_openflamingo_state_dict,
+)
 
 open_clip = pytest.importorskip("open_clip")
 of_flamingo = pytest.importorskip("open_flamingo.src.flamingo")
@@ -24,10 +29,11 @@ TEXT = {"width": 16, "heads": 2, "layers": 1}
 EOC = "<|endofchunk|>"
 
 
-def _vlmkit(tmp_path, every_n_layers=2):
+def _vlmkit(tmp_path, every_n_layers=2, ln_post=False):
     def mutate(data):
         model = data["model"]
-        model["encoder"] = {"name": "open_clip", "model_name": "ViT-B-32",
+        # ln_post false: the tokens OpenFlamingo was trained on (open_clip 2.16-2.20, see _openflamingo)
+        model["encoder"] = {"name": "open_clip", "model_name": "ViT-B-32", "ln_post": ln_post,
                             "model_cfg": {"vision_cfg": dict(VISION), "text_cfg": dict(TEXT)}}
         # OpenFlamingo's Flamingo builds PerceiverResampler(dim=vis_dim) with its defaults
         model["connector"] = {"name": "perceiver", "num_latents": 64, "depth": 6, "heads": 8, "dim_head": 64,
@@ -41,9 +47,13 @@ def _vlmkit(tmp_path, every_n_layers=2):
     return build_model(resolved_toy(tmp_path, mutate)).eval()
 
 
-def _openflamingo(ours):
+def _openflamingo(ours, old_open_clip=True):
     """OpenFlamingo's Flamingo assembled as its factory does, offline: same vision architecture, the
-    same Llama config (vocabulary included) and the same <image> / <|endofchunk|> ids; weights random."""
+    same Llama config (vocabulary included) and the same <image> / <|endofchunk|> ids; weights random.
+
+    ``old_open_clip``: the vision tower returns its tokens as open_clip 2.16-2.20 did for OpenFlamingo's
+    training (``ln_post`` on the pooled output only: open_clip 3.x's ``final_ln_after_pool``);
+    false: as the installed open_clip does by default (``ln_post`` on every token)."""
     torch.manual_seed(1)
     base = open_clip.get_model_config("ViT-B-32")
     clip = open_clip.create_model(
@@ -51,6 +61,9 @@ def _openflamingo(ours):
         vision_cfg={**base["vision_cfg"], **VISION}, text_cfg={**base["text_cfg"], **TEXT},
     )
     clip.visual.output_tokens = True
+    if old_open_clip:
+        assert hasattr(clip.visual, "final_ln_after_pool")  # open_clip 3.x's switch for the old behaviour
+        clip.visual.final_ln_after_pool = True
     from transformers import LlamaForCausalLM
 
     lang = LlamaForCausalLM(copy.deepcopy(ours.decoder.model.config))
@@ -87,15 +100,20 @@ def _inputs(ours):
     return ids, mask, vision_x
 
 
-def test_logits_match_open_flamingo(tmp_path):
-    ours = _vlmkit(tmp_path)
-    ref = _openflamingo(ours)
+@pytest.mark.parametrize("old_open_clip", [True, False], ids=["open_clip-2.20-tokens", "ln_post-tokens"])
+def test_logits_match_open_flamingo(tmp_path, old_open_clip):
+    ours = _vlmkit(tmp_path, ln_post=not old_open_clip)
+    ref = _openflamingo(ours, old_open_clip)
     of_state = ref.state_dict()
     assert any(".gated_cross_attn_layer." in k for k in of_state)  # the layouts this importer maps
     assert any(k.startswith("lang_encoder.gated_cross_attn_layers.") for k in of_state)
     assert any(k.startswith("lang_encoder.old_decoder_blocks.") for k in of_state)
 
-    loaded = import_openflamingo(ours, of_state)
+    if old_open_clip:
+        loaded = import_openflamingo(ours, of_state)
+    else:  # the perceiver was trained on tokens without ln_post: a model that normalises them is warned
+        with pytest.warns(TokenNormWarning, match="ln_post: false"):
+            loaded = import_openflamingo(ours, of_state)
     # every tensor of the vlmkit model came from the checkpoint
     assert set(loaded) == set(ours.state_dict()), set(ours.state_dict()) ^ set(loaded)
     ids, mask, vision_x = _inputs(ours)

@@ -66,7 +66,7 @@ def test_disabled_stage_is_skipped_and_init_from_loads_an_export(tmp_path):
     for key in ("connector.latents", "fusion.blocks.0.attn_gate", "fusion.blocks.0.attn.to_q.weight"):
         assert torch.allclose(got[key], want[key], atol=1e-8), key
     bad = overrides[:-1] + [f"stages.instruct.init_from={{format: openflamingo, path: {tmp_path / 'missing.pt'}}}"]
-    with pytest.raises(VlmkitError, match=r"stages\.1\.init_from\.path: '.*missing\.pt' does not exist"):
+    with pytest.raises(VlmkitError, match=r"stages\.instruct\.init_from\.path: '.*missing\.pt' does not exist"):
         run(load_recipe("otter_mimicit", "smoke", bad), tmp_path / "c", progress=False)
 
 

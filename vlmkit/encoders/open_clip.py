@@ -17,11 +17,14 @@ covers both) and dropped right away, and so are the parts of the visual tower wh
 
 Tokens per tower kind:
 
-* open_clip ViT (``visual.output_tokens = True``): the last layer's patch tokens after ``ln_post``,
-  WITHOUT the CLS token (open_clip's own split; the pooled output is dropped). ``select_feature:
-  cls_patch`` puts the CLS token (after ``ln_post``, unprojected) in front: ``1 + grid**2`` tokens. The
+* open_clip ViT: the output of the last transformer block (``visual.transformer``, read with a
+  forward hook), then the tower's final LayerNorm ``visual.ln_post`` unless ``ln_post: false``
+  (OpenFlamingo and Otter: open_clip 2.16-2.20 returned the tokens before ``ln_post``; open_clip
+  3.x after it). ``patch``: the patch tokens, WITHOUT the CLS token; ``select_feature: cls_patch``
+  puts the CLS token (same normalisation, unprojected) in front: ``1 + grid**2`` tokens. The
   positional embeddings are fixed: the tower takes only its own image size.
-  Towers with an attentional pooler (CoCa) give the pooler's outputs instead of patches.
+  Towers with an attentional pooler (CoCa) give the pooler's outputs instead of patches (open_clip's
+  own ``output_tokens``; ``ln_post: false`` refused).
 * timm-backed towers (``vision_cfg.timm_model_name``): the trunk's ``forward_features``; a ViT's prefix
   tokens (CLS, registers: timm's ``num_prefix_tokens``) are dropped for ``patch`` and kept in front for
   ``cls_patch``; a CNN's ``(C, h, w)`` map becomes ``h * w`` tokens.
@@ -75,6 +78,12 @@ class OpenClipEncoderConfig(EncoderConfig):
     select_feature: Literal["patch", "cls_patch"] = "patch"
     """``patch``: patch tokens only; ``cls_patch``: the CLS (prefix) token(s) followed by the patch
     tokens, for towers that have a CLS token."""
+    ln_post: bool = True
+    """open_clip ViTs: the tokens after the tower's final LayerNorm (``visual.ln_post``), as open_clip
+    3.x gives them and mPLUG-Owl reads CLIP (``post_layernorm`` on every token). ``false``: the last
+    transformer block's output without it, as open_clip 2.16-2.20 gave its tokens to OpenFlamingo
+    (and so to Otter, which reads CLIP's last hidden state): the perceiver of an OpenFlamingo or
+    Otter checkpoint was trained on these. Other tower kinds: only ``true``."""
     mean: tuple[float, float, float] | None = None
     """Per-channel normalisation mean; default: the model's (or the pretrained tag's) ``preprocess_cfg``."""
     std: tuple[float, float, float] | None = None
@@ -163,7 +172,7 @@ class OpenClipEncoder(VisionEncoder):
                 cls_ok, why = True, ""
             if not attn_pool:
                 self._analytic_width = int(visual.transformer.width)
-            self._prefix = 1 if (visual.pool_type == "none" and not attn_pool) else 0
+            self._prefix = 0 if attn_pool else 1  # the transformer's output: CLS first (see _last_block)
         elif isinstance(visual, TimmModel):
             self._kind = "timm"
             visual.head = nn.Identity()  # pooling/projection to the joint space: unused
@@ -178,6 +187,12 @@ class OpenClipEncoder(VisionEncoder):
             raise VlmkitError(
                 f"{_FIELD}.model_name: open_clip model '{config.model_name}' has a {type(visual).__name__} visual "
                 "tower, from which vlmkit cannot take tokens; supported: open_clip ViTs, timm-backed towers, ResNets"
+            )
+        if not config.ln_post and (self._kind != "vit" or self._analytic_width is None):
+            what = "an attentional pooler" if self._kind == "vit" else f"a {type(visual).__name__} tower"
+            raise VlmkitError(
+                f"{_FIELD}.ln_post: 'false' (tokens before the final LayerNorm) is available for open_clip ViTs "
+                f"only; '{config.model_name}' has {what}; leave ln_post at true"
             )
         if config.select_feature == "cls_patch" and not cls_ok:
             raise VlmkitError(
@@ -292,15 +307,50 @@ class OpenClipEncoder(VisionEncoder):
         self._token_counts[size] = int(out.shape[1])
         self._probed_width = int(out.shape[2])
 
+    def _last_block(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The output of the tower's last transformer block, ``(N, 1 + grid**2, width)`` with the CLS
+        token first: the tower runs as usual and a forward hook on ``visual.transformer`` (open_clip's
+        public module) keeps what the transformer returned, before ``ln_post`` and pooling."""
+        caught: list[torch.Tensor] = []
+
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            caught.append(output[0] if isinstance(output, tuple) else output)
+
+        handle = self.visual.transformer.register_forward_hook(keep)
+        try:
+            self.visual(pixels)
+        finally:
+            handle.remove()
+        n = pixels.shape[0]
+        if len(caught) != 1 or caught[0].ndim != 3:
+            raise VlmkitError(
+                f"open_clip {open_clip.__version__}: the visual tower of '{self.config.model_name}' did not run its "
+                "'transformer' module once with a (batch, tokens, width) output; this open_clip version changed the "
+                f"module structure vlmkit reads ({_FIELD}.ln_post)"
+            )
+        x = caught[0]
+        if x.shape[0] != n and x.shape[1] == n:  # open_clip versions whose transformer works sequence-first
+            x = x.transpose(0, 1)
+        if x.shape[0] != n or x.shape[2] != self._analytic_width:
+            raise VlmkitError(
+                f"open_clip {open_clip.__version__}: the transformer of '{self.config.model_name}' returned shape "
+                f"{tuple(x.shape)}, expected ({n}, tokens, {self._analytic_width}); this open_clip version changed "
+                "the module structure vlmkit reads"
+            )
+        return x
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels (N, 3, S, S)`` normalised per :attr:`preprocess` -> ``(N, tokens, width)``."""
         pixels = pixels.to(next(self.parameters()).dtype)
         cls_patch = self.config.select_feature == "cls_patch"
-        if self._kind == "vit":
-            pooled, tokens = self.visual(pixels)  # pooled: (N, width) CLS (proj dropped); tokens: (N, P, width)
-            if self._prefix:  # pool_type 'none': the tokens still hold the CLS token
-                return tokens if cls_patch else tokens[:, self._prefix :]
+        if self._kind == "vit" and self._analytic_width is None:  # attentional pooler: its outputs
+            pooled, tokens = self.visual(pixels)
             return torch.cat([pooled.unsqueeze(1), tokens], dim=1) if cls_patch else tokens
+        if self._kind == "vit":
+            seq = self._last_block(pixels)  # (N, 1 + grid**2, width): CLS first, no final LayerNorm
+            if self.config.ln_post:
+                seq = self.visual.ln_post(seq)
+            return seq if cls_patch else seq[:, self._prefix :]
         if self._kind == "timm":
             feats = self.visual.trunk.forward_features(pixels)
         else:  # ModifiedResNet without its attention pool

@@ -10,13 +10,22 @@ is either fixed by a ``pairs`` file (``{positive: negative}``, the held-out ISEK
 where positives already carry invented names) or drawn from the positive's similarity ranking
 (:mod:`vlmkit.core.data.lcl_neighbours`).
 
-Strategies (``strategy``), how many shots an episode has:
+Strategies (``strategy``, REFERENCE 1.5), how many shots an episode has. A shot count ``m`` is the
+number of support pictures, both classes together (the paper's "16-shot" = 8 per class), so the
+allowed counts are the even numbers ``min_shots, min_shots + 2, ..., max_shots`` (2, 4, ..., 16):
 
-- ``2way``: always ``shots``;
-- ``2way_random``: uniform over the even counts in ``min_shots..max_shots``;
-- ``2way_weight``: the even count ``2j`` with probability proportional to ``e^j``;
-- ``mix``: as ``2way_random``; the stage mixes these episodes evenly with its other datasets
-  (``stages.N.mix: even``, checked when the recipe loads).
+- ``2way``: always ``shots`` (the paper's [2-way]: a fixed 16);
+- ``2way_random``: ``m`` uniform over the allowed counts;
+- ``2way_weight``: ``m`` with probability ``p_m = e^m / sum_m' e^m'`` over the allowed counts, so
+  each count is ``e^2`` times as likely as the one below it (p_16 = 0.865, p_14 = 0.117 for 2..16);
+  the reference code instead weights the per-class count ``j = m / 2`` by ``e^(j/2)``;
+- ``mix``: the [2-way] task, always ``shots``; the stage mixes these episodes evenly with the
+  model's original instruction data (``stages.N.mix: even`` or equal per-step counts, checked when
+  the recipe loads).
+
+The paper's [2-way-random] and [2-way-weight] train [2-way] first and then go on with the varied
+counts: two stages, one on a ``2way`` dataset and one on a ``2way_random`` / ``2way_weight`` one
+(the ``lcl_repro`` recipe's paper profile).
 
 Episode ``i`` is a function of ``(seed, i)`` alone; queries alternate between the positive (even
 ``i``) and the negative class (odd ``i``), so both answers are equally frequent.
@@ -59,10 +68,10 @@ class LCLEpisodesConfig(DatasetConfig):
     """Call the positive by an invented word (default: yes without ``pairs``, no with them)."""
     strategy: Literal["2way", "2way_random", "2way_weight", "mix"] = "2way_random"
     shots: PositiveInt = 16
-    """``2way``: support pictures per episode, both classes together (even)."""
+    """``2way`` and ``mix``: support pictures per episode, both classes together (even)."""
     min_shots: PositiveInt = 2
     max_shots: PositiveInt = 16
-    """The other strategies: the range of support pictures (even counts)."""
+    """``2way_random`` and ``2way_weight``: the range of support pictures (even counts)."""
     num_episodes: PositiveInt = 1000
     """Episodes in one pass (each drawn afresh from the seed and its index)."""
     seed: int = 0
@@ -102,14 +111,14 @@ class Episode:
 
 
 def shot_distribution(strategy: str, shots: int, min_shots: int, max_shots: int) -> dict[int, float]:
-    """Support size -> probability for a strategy."""
-    if strategy == "2way":
+    """Support size (both classes together) -> probability for a strategy (see the module doc)."""
+    if strategy in ("2way", "mix"):
         return {shots: 1.0}
     counts = list(range(min_shots, max_shots + 1, 2))
-    if strategy in ("2way_random", "mix"):
+    if strategy == "2way_random":
         return {c: 1 / len(counts) for c in counts}
     if strategy == "2way_weight":
-        w = [math.exp(c // 2) for c in counts]
+        w = [math.exp(c - max_shots) for c in counts]  # e^m, scaled by e^-max against overflow
         return {c: x / sum(w) for c, x in zip(counts, w)}
     raise VlmkitError(f"lcl: strategy '{strategy}' unknown; allowed: {', '.join(STRATEGIES)}")
 

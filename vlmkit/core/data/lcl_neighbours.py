@@ -3,9 +3,10 @@
 REFERENCE 1.5: the similarity of two classes a, b is a weighted sum of cosine similarities of
 their class-name text embeddings ``t`` and mean image features ``v``::
 
-    s(a, b) = w_tt cos(t_a, t_b) + w_it (cos(v_a, t_b) + cos(t_a, v_b)) / 2 + w_ii cos(v_a, v_b)
+    s(a, b) = w_tt cos(t_a, t_b) + w_it (cos(v_a, t_b) + cos(t_a, v_b)) + w_ii cos(v_a, v_b)
 
-(the paper's weights: 0.5, 0.8, 0.5). The other classes, ranked by ``s`` from the most similar,
+(the paper's weights: 0.5, 0.8, 0.5; the image-text term is the sum of both directions, not their
+mean, as the reference code computes it). The other classes, ranked by ``s`` from the most similar,
 are cut into ``N`` contiguous intervals; an episode draws interval ``j`` (1-based) with probability
 proportional to ``N + 1 - j`` and one class uniformly inside it. With fewer classes than ``N`` every
 class is its own interval.
@@ -83,7 +84,7 @@ def similarity_matrix(
                 "e.g. CLIP's); these models do not share one: set it to 0"
             )
         it = cos(image, text)
-        sim += weights.image_text * (it + it.T) / 2
+        sim += weights.image_text * (it + it.T)
     return sim
 
 

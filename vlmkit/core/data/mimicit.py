@@ -7,11 +7,14 @@ ids]}``: the training instructions and their examples; without it every instruct
 its examples are its ``rel_ins_ids``).
 
 Each item is a :class:`~vlmkit.core.data.records.Record`: the query ``Exchange`` (user instruction,
-assistant answer, media) and the last ``max_context`` in-context examples. With ``context_mode:
-same_media`` the examples are other instructions about the query's own image or clip: the media
-are on the query and ``Record.shared_media`` is set (one leading image); with ``per_example`` every
-example carries its own media. A video clip (``VIDEO_TEXT``) is one :class:`Media` whose frames are
-``num_frames`` of the record's frame ids, resampled evenly as Otter does.
+assistant answer, media) and its in-context examples (every listed one, or the last
+``max_context``). With ``context_mode: same_media`` the examples are other instructions about the
+query's own image or clip: the media are on the query and ``Record.shared_media`` is set (one
+leading image); with ``per_example`` every example carries its own media. A video clip
+(``VIDEO_TEXT``) is one :class:`Media` whose frames are ``num_frames`` of the record's frame ids,
+resampled evenly as Otter does. A still record with several images (spot-the-difference pairs)
+gives one media per image, or with ``images_as: frames`` one media whose frames are its images
+(Otter's SD layout: one ``<image>``).
 
 The record list and the image ids are indexed at construction; no image is decoded until
 ``__getitem__``. Bad records (``on_error``):
@@ -34,7 +37,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from pydantic import NonNegativeInt, PositiveInt
+from pydantic import NonNegativeInt, PositiveInt, model_validator
 
 from vlmkit.core.data.images import ImageStoreError, JsonImages, ParquetImages, open_image_store
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
@@ -59,18 +62,37 @@ class MimicITConfig(DatasetConfig):
     ``rel_ins_ids``."""
     group: Literal["IMAGE_TEXT", "TEXT_ONLY", "VIDEO_TEXT", "IMAGE_TEXT_IN_CONTEXT"]
     """The data group, always given (never inferred from file names)."""
-    max_context: NonNegativeInt = 3
-    """In-context examples kept per query: the last ones of its list."""
+    max_context: NonNegativeInt | None = None
+    """At most this many in-context examples per query: the last ones of its list. Default (none):
+    every listed id, as Otter trains (its lists hold 3-8); a sample longer than the stage's
+    ``max_length`` still loses whole examples, oldest first, when it is collated. 0: none."""
     context_mode: Literal["same_media", "per_example"] | None = None
     """``same_media``: the examples share the query's media (one leading image); ``per_example``:
     each example has its own. Default: ``per_example`` for IMAGE_TEXT_IN_CONTEXT, else
     ``same_media``."""
     num_frames: PositiveInt = 8
     """VIDEO_TEXT: frames per clip, resampled evenly from the record's frame ids."""
+    images_as: Literal["media", "frames"] | None = None
+    """How the ``image_ids`` of one record enter the model. ``media``: one media per image, each
+    with its own ``<image>``; ``frames``: all of them, in order, as the frames of ONE media (the F
+    axis of ``vision_x``) with one ``<image>``, as Otter feeds spot-the-difference (SD) pairs, so
+    that the text attends to both images even with ``only_attend_immediate_media``. Default:
+    ``frames`` for VIDEO_TEXT (the only choice there: clips are resampled to ``num_frames``),
+    ``media`` for the other groups. A batch holds media of one frame count: with ``frames`` every
+    record of the dataset should list the same number of images."""
     on_error: Literal["skip", "fail"] = "skip"
     """Bad records: ``skip`` (count them, see ``summary()``) or ``fail`` (stop with an error)."""
     limit: PositiveInt | None = None
     """Keep only the first ``limit`` good records."""
+
+    @model_validator(mode="after")
+    def _video_is_frames(self) -> "MimicITConfig":
+        if self.group == "VIDEO_TEXT" and self.images_as == "media":
+            raise ValueError(
+                "images_as: 'media' is not available for group VIDEO_TEXT: a clip's frame ids are always the "
+                "frames of one media (resampled to num_frames); use 'frames' or leave images_as unset"
+            )
+        return self
 
 
 class _Entry(NamedTuple):
@@ -166,6 +188,7 @@ class MimicIT(SkippingReads, Dataset):
         c = config
         self.group = c.group
         self.context_mode = c.context_mode or ("per_example" if c.group == "IMAGE_TEXT_IN_CONTEXT" else "same_media")
+        self.images_as = c.images_as or ("frames" if c.group == "VIDEO_TEXT" else "media")
         self.uses_media = c.group != "TEXT_ONLY"
         self.fail = c.on_error == "fail"
         self.instructions_path = _existing(Path(c.instructions), "instructions")
@@ -252,7 +275,8 @@ class MimicIT(SkippingReads, Dataset):
             raise _Bad("malformed", f"{source}: record {rid!r}: the in-context ids are not a list of ids")
         if not entry.answer:
             raise _Bad("empty_answer", f"{where} has an empty answer")
-        kept = ids[max(0, len(ids) - self.config.max_context) :] if self.config.max_context else ()
+        cap = self.config.max_context
+        kept = ids if cap is None or cap >= len(ids) else ids[len(ids) - cap :]  # cap 0: ()
         for cid in kept:
             if cid in self._malformed:
                 raise _Bad("malformed", f"{where}: in-context example {cid!r} {self._malformed[cid]}")
@@ -315,6 +339,8 @@ class MimicIT(SkippingReads, Dataset):
         if self.group == "VIDEO_TEXT":
             frames = resample_frames(image_ids, self.config.num_frames)
             return [Media(id=_clip_id(image_ids), frames=[image(f) for f in frames])]
+        if self.images_as == "frames" and image_ids:
+            return [Media(id="+".join(image_ids), frames=[image(i) for i in image_ids])]
         return [Media(id=i, frames=[image(i)]) for i in image_ids]
 
     # ---------------------------------------------------------------------------------- reports

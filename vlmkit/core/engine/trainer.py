@@ -25,7 +25,7 @@ from vlmkit.core.compose import IMAGE_TOKEN, VisionLanguageModel, build_model
 from vlmkit.core.data.collate import IGNORE, Collator
 from vlmkit.core.data.rendered import RenderedDataset
 from vlmkit.core.engine.optim import build_optimizer, build_scheduler, param_groups, total_steps
-from vlmkit.core.engine.sampler import StageBatchSampler
+from vlmkit.core.engine.sampler import StageBatchSampler, mix_options
 from vlmkit.core.engine.state import (
     LoadedState,
     TrainerState,
@@ -37,6 +37,7 @@ from vlmkit.core.engine.state import (
 )
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.recipe.loader import ResolvedRecipe
+from vlmkit.core.recipe.preflight import check_init_from_files
 from vlmkit.core.recipe.schema import StageSpec
 from vlmkit.core.tuning import apply_tuning
 
@@ -124,6 +125,8 @@ class Engine:
             raise VlmkitError(f"{out} already holds checkpoints; choose another --output-dir or resume it")
         elif resume is True:
             raise VlmkitError(f"--resume: {out / 'checkpoints'} holds no checkpoint to resume from")
+        # before any model is built: the init_from files of the stages still to start
+        check_init_from_files(self.resolved, from_stage=state.trainer.stage_index + 1 if state is not None else 0)
 
         if self.main:
             out.mkdir(parents=True, exist_ok=True)
@@ -244,11 +247,10 @@ class Engine:
         parts = [self.datasets[a] for a in stage.data]
         data = ConcatDataset(parts)
         consumed = state.trainer.consumed if state else 0
-        weights = ([self.recipe.data[a].weight for a in stage.data] if stage.mix == "weights"
-                   else [1.0] * len(stage.data) if stage.mix == "even" else None)
         sampler = StageBatchSampler(
-            [len(p) for p in parts], stage.batch_size, seed=self.recipe.seed, stage_index=k, weights=weights,
-            rank=acc.process_index, world_size=acc.num_processes, start=consumed, where=label, names=list(stage.data),
+            [len(p) for p in parts], stage.batch_size, seed=self.recipe.seed, stage_index=k,
+            **mix_options(stage, self.recipe.data), rank=acc.process_index, world_size=acc.num_processes,
+            start=consumed, where=label, names=list(stage.data),
         )
         collator = Collator(
             tokenizer=model.decoder.tokenizer,

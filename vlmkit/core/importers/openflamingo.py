@@ -28,11 +28,19 @@ output into CLIP's joint space; Flamingo reads the unprojected patch tokens) and
 A released OpenFlamingo ``checkpoint.pt`` holds only what OpenFlamingo trains (perceiver,
 cross-attention blocks, the LM's input embeddings): build the vlmkit model with the same vision
 tower and language model weights, then import the checkpoint on top.
+
+Vision tokens: OpenFlamingo was trained with open_clip 2.16-2.20, whose ViT returned its patch
+tokens WITHOUT the final LayerNorm (``ln_post`` normalised only the pooled output). Its perceiver
+expects those: give the vlmkit encoder ``open_clip`` the option ``ln_post: false``. With the
+encoder's default (``ln_post: true``, the tokens open_clip 3.x returns) the imported perceiver sees
+rescaled inputs; :func:`import_openflamingo` warns (:class:`TokenNormWarning`).
 """
 
 from __future__ import annotations
 
 import re
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -41,7 +49,13 @@ from torch import nn
 
 from vlmkit.core.errors import VlmkitError
 
-__all__ = ["IGNORED", "map_openflamingo_state_dict", "import_openflamingo"]
+__all__ = ["IGNORED", "TokenNormWarning", "map_openflamingo_state_dict", "import_openflamingo"]
+
+
+class TokenNormWarning(UserWarning):
+    """An OpenFlamingo checkpoint goes into a model whose open_clip encoder normalises its tokens
+    with ``ln_post``, which OpenFlamingo's perceiver never saw."""
+
 
 #: OpenFlamingo keys that have no place in a vlmkit model: (pattern, reason)
 IGNORED: list[tuple[str, str]] = [
@@ -241,6 +255,20 @@ def map_openflamingo_state_dict(
     return out
 
 
+def _check_token_norm(model: nn.Module) -> None:
+    """Warn when the encoder is vlmkit's ``open_clip`` with ``ln_post: true`` (see the module doc)."""
+    module = sys.modules.get("vlmkit.encoders.open_clip")  # loaded if the model has such an encoder
+    if module is not None and isinstance(model.encoder, module.OpenClipEncoder):
+        if model.encoder.config.ln_post:
+            warnings.warn(
+                "OpenFlamingo import: this model's open_clip encoder gives its tokens after the final LayerNorm "
+                "(model.encoder.ln_post: true), but OpenFlamingo (and Otter) trained the perceiver on the last "
+                "layer's tokens without it (open_clip 2.16-2.20); set model.encoder.ln_post: false",
+                TokenNormWarning,
+                stacklevel=3,
+            )
+
+
 def _read(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise VlmkitError(f"OpenFlamingo checkpoint '{path}' does not exist")
@@ -285,6 +313,7 @@ def import_openflamingo(
     else:
         state = _unwrap(path_or_state, "(a mapping)")
     mapped = map_openflamingo_state_dict(state, model, added_tokens)
+    _check_token_norm(model)
     if strict:
         own = model.state_dict()
         missing = [k for k in own if k.startswith(("connector.", "fusion.")) and k not in mapped]

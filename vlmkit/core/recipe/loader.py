@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from vlmkit.core.errors import PluginError, RecipeError, VlmkitError, listing, suggest
-from vlmkit.core.recipe.merge import apply_override, deep_merge, parse_override
+from vlmkit.core.recipe.merge import apply_override, deep_merge, parse_override, plain
 from vlmkit.core.recipe.schema import COMPONENTS, ComponentSpec, DatasetSpec, Recipe
 from vlmkit.core.recipe.yaml_io import dump_yaml, read_yaml_mapping
 
@@ -145,6 +145,7 @@ def resolve_mapping(
     for text in overrides:
         path_parts, value = parse_override(text)
         apply_override(data, path_parts, value, text)
+    data = plain(data)  # the !replace markers have done their work
     for section in ("model", "data", "stages", "eval"):
         if isinstance(data.get(section), (dict, list)):
             data[section] = _expand_placeholders(data[section], path.parent, source, (section,))
@@ -318,10 +319,12 @@ def validate_mapping(
                     f"defined: {listing(recipe.data)}"
                 )
         mixed = [a for a in stage.data if a in datasets and datasets[a].name == "lcl" and datasets[a].config.strategy == "mix"]
-        if mixed and (len(stage.data) < 2 or stage.mix != "even"):
+        evenly = stage.mix == "even" or (isinstance(stage.mix, dict) and len(set(stage.mix.values())) == 1)
+        if mixed and (len(stage.data) < 2 or not evenly):
             problems.append(
                 f"stages.{i}: data.{mixed[0]} has strategy 'mix' (LCL episodes mixed evenly with other data): the stage needs "
-                f"another dataset in its data list and mix: even (it has {len(stage.data)} dataset(s), mix: {stage.mix})"
+                f"another dataset in its data list and mix: even, or equal per-step counts (it has {len(stage.data)} "
+                f"dataset(s), mix: {stage.mix})"
             )
     evaluators: list[BuiltComponentSpec] = []
     for i, ev in enumerate(recipe.eval):

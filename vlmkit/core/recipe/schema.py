@@ -16,11 +16,15 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    field_validator,
     model_validator,
 )
 
+from vlmkit.core.errors import suggest
+
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.\-]*$"
 COMPONENTS = ("encoder", "connector", "fusion", "decoder")
+MIX_MODES = ("size", "weights", "even")
 
 
 class Strict(BaseModel):
@@ -142,6 +146,9 @@ class InitFrom(Strict):
         "order (its embedding rows are moved to vlmkit's ids of the same tokens; <PAD> is the pad token)",
     )
     strict: bool = Field(True, description="the checkpoint must cover every connector and fusion tensor")
+    source: str = Field(
+        "", description="where the file comes from (which release, where to download it): shown when it is missing"
+    )
 
 
 class StageSpec(Strict):
@@ -163,13 +170,30 @@ class StageSpec(Strict):
     max_grad_norm: PositiveFloat | None = 1.0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     log_every: PositiveInt = 1
-    mix: Literal["size", "weights", "even"] = Field(
-        "size", description="with several datasets, each micro-batch comes from one of them, drawn in "
-        "proportion to their sizes, to their `weight`, or evenly"
+    mix: Literal["size", "weights", "even"] | dict[str, PositiveInt] = Field(
+        "size", description="with several datasets: size / weights / even: each micro-batch comes from one of "
+        "them, drawn in proportion to their sizes, to their `weight`, or evenly; a mapping {dataset: count}: "
+        "every optimizer step takes exactly `count` samples of each dataset (the counts add up to "
+        "batch_size * grad_accum), laid out in the stage's data order and cut into its micro-batches"
     )
     max_length: PositiveInt | None = Field(
         None, description="tokens per sample; longer samples lose in-context examples from the front"
     )
+
+    @field_validator("mix", mode="before")
+    @classmethod
+    def _mix_word(cls, value: Any) -> Any:
+        if not isinstance(value, (str, dict)):
+            raise ValueError(f"got {value!r}; allowed: {', '.join(MIX_MODES)}, or a mapping {{dataset: samples per "
+                             "optimizer step}")
+        if isinstance(value, str) and value not in MIX_MODES:
+            raise ValueError(f"got {value!r}{suggest(value, MIX_MODES)} allowed: {', '.join(MIX_MODES)}, or a mapping "
+                             "{dataset: samples per optimizer step}")
+        if isinstance(value, dict):
+            for alias, count in value.items():
+                if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                    raise ValueError(f"{alias}: got {count!r}; a per-step count is a whole number of samples, at least 1")
+        return value
 
     @model_validator(mode="after")
     def _length(self) -> "StageSpec":
@@ -177,7 +201,26 @@ class StageSpec(Strict):
             raise ValueError("set exactly one of 'epochs' and 'max_steps'")
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("set at most one of 'warmup_steps' and 'warmup_ratio'")
+        if isinstance(self.mix, dict):
+            self._check_counts(self.mix)
         return self
+
+    def _check_counts(self, counts: dict[str, int]) -> None:
+        extra = [a for a in counts if a not in self.data]
+        missing = [a for a in self.data if a not in counts]
+        if extra or missing:
+            raise ValueError(
+                f"mix: a per-step count is needed for each dataset of the stage's data list and only those "
+                f"(data: {', '.join(self.data)}; "
+                + "; ".join(p for p in (extra and f"not in data: {', '.join(extra)}",
+                                        missing and f"no count for: {', '.join(missing)}") if p) + ")"
+            )
+        total, step = sum(counts.values()), self.batch_size * self.grad_accum
+        if total != step:
+            raise ValueError(
+                f"mix: the per-step counts add up to {total} samples, but a step is batch_size * grad_accum = "
+                f"{self.batch_size} * {self.grad_accum} = {step}; make them equal"
+            )
 
 
 class RunSpec(Strict):
