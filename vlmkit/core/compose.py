@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -15,7 +16,16 @@ IMAGE_TOKEN = "<image>"
 
 
 class VisionLanguageModel(nn.Module):
-    """The composed model. ``forward`` takes a collated batch's tensors."""
+    """The composed model. ``forward`` takes a collated batch's tensors.
+
+    ``compute_dtype``: None, or the half precision (bf16 / fp16) that some of its parameters were
+    loaded in and whose trainable ones a stage upcast to fp32 master weights
+    (:func:`vlmkit.core.tuning.upcast_trainable_to_fp32`). The model then holds fp32 and half
+    weights side by side, so ``forward`` and ``generate`` run under autocast in that dtype unless
+    an autocast is already active (the engine's, from the stage's ``precision``)."""
+
+    #: set by the master-weights step of the tuning; None: no autocast of the model's own
+    compute_dtype: torch.dtype | None = None
 
     def __init__(self, encoder: VisionEncoder, connector: Connector, fusion: Fusion, decoder: LanguageDecoder):
         super().__init__()
@@ -53,6 +63,14 @@ class VisionLanguageModel(nn.Module):
         media[media_mask] = tokens
         return media
 
+    def _autocast(self, device: torch.device) -> Any:
+        """Autocast in ``compute_dtype`` where the model mixes fp32 master weights with half ones
+        and no autocast is active yet; else nothing."""
+        dtype = self.compute_dtype
+        if dtype is None or torch.is_autocast_enabled(device.type):
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -62,8 +80,9 @@ class VisionLanguageModel(nn.Module):
         labels: torch.Tensor | None = None,
         **decoder_kwargs: Any,
     ) -> Any:
-        media = self.encode_media(vision_x, media_mask)
-        return self.fusion(self.decoder, input_ids, attention_mask, media, media_mask, labels=labels, **decoder_kwargs)
+        with self._autocast(input_ids.device):
+            media = self.encode_media(vision_x, media_mask)
+            return self.fusion(self.decoder, input_ids, attention_mask, media, media_mask, labels=labels, **decoder_kwargs)
 
     @torch.no_grad()
     def generate(
@@ -75,8 +94,9 @@ class VisionLanguageModel(nn.Module):
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """Left-padded prompts ``(B, L)`` with their images -> the new tokens ``(B, new)``."""
-        media = self.encode_media(vision_x, media_mask)
-        return self.fusion.generate(self.decoder, input_ids, attention_mask, media, media_mask, **generate_kwargs)
+        with self._autocast(input_ids.device):
+            media = self.encode_media(vision_x, media_mask)
+            return self.fusion.generate(self.decoder, input_ids, attention_mask, media, media_mask, **generate_kwargs)
 
 
 def build_model(resolved: ResolvedRecipe, registry: Any = None, meta: bool = False) -> VisionLanguageModel:

@@ -13,6 +13,13 @@ An export is a folder::
 Parts that no stage trains are not written: :func:`load` rebuilds them from the recipe (the seeded
 random initialisation or the named pretrained weights) and then loads the exported weights over
 them. Only safetensors is read back; nothing is unpickled.
+
+Dtypes: every weight is written in the dtype the model stores it in, so trained parameters are
+their fp32 master weights even where the recipe loads the component in bf16 / fp16
+(:func:`vlmkit.core.tuning.upcast_trainable_to_fp32`), and LoRA adapters are merged in fp32 over
+such a base; frozen parts that are written (buffers) keep their dtype. ``export.json`` lists the
+dtypes of each file. :func:`load` builds the model in the dtypes its recipe names and casts the
+exported weights to them (a decoder with ``dtype: bfloat16`` gets the fp32 weights rounded to bf16).
 """
 
 from __future__ import annotations
@@ -112,11 +119,17 @@ def _cpu(tensor: torch.Tensor) -> torch.Tensor:
 
 def _merged_base(name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
     """The base-layer state of adapter layer ``name`` with its adapters merged in, by plain name;
-    merged on a copy of that one layer, so the live model is untouched."""
+    merged on a copy of that one layer, so the live model is untouched. fp32 adapters (master
+    weights) over a bf16 / fp16 base are merged into an fp32 copy of the base: the sum is written in
+    fp32, not rounded to the base's dtype here."""
     if getattr(layer, "merged", False):  # already merged in the model: the base weights hold the sum
         merged = layer
     else:
         merged = copy.deepcopy(layer)
+        if any(p.dtype == torch.float32 for n, p in merged.named_parameters() if "lora_" in n):
+            for param in merged.get_base_layer().parameters():
+                if param.dtype in (torch.bfloat16, torch.float16):
+                    param.data = param.data.to(torch.float32)
         try:
             with torch.no_grad():
                 merged.merge(safe_merge=True)
@@ -231,6 +244,15 @@ def _describe(sel: _Selection, comp: str, lora_note: str | None) -> list[str]:
     return lines or ["not exported: frozen in every stage (rebuilt from the recipe)"]
 
 
+def _dtype_counts(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """How many tensors of each dtype (``{"float32": 12, "bfloat16": 2}``), for export.json."""
+    counts: dict[str, int] = {}
+    for tensor in tensors.values():
+        key = str(tensor.dtype).removeprefix("torch.")
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 # ------------------------------------------------------------------------------ export
 def export_model(model: nn.Module, resolved: ResolvedRecipe, out_dir: Path, *, merge_lora: bool = True) -> Path:
     """Write ``model`` (trained as ``resolved`` says) to the folder ``out_dir`` (atomically;
@@ -276,6 +298,7 @@ def export_model(model: nn.Module, resolved: ResolvedRecipe, out_dir: Path, *, m
             "contains": "the weights of the parts the recipe's stages train, by their names in the model"
             + (" (LoRA adapters merged into the base weights)" if merge_lora and lora_comps else ""),
             "keys": sorted(weights),
+            "dtypes": _dtype_counts(weights),
         }
     }
     if adapter_weights:
@@ -283,6 +306,7 @@ def export_model(model: nn.Module, resolved: ResolvedRecipe, out_dir: Path, *, m
             "contains": f"the LoRA adapter weights of {', '.join(adapter_configs)}, by their names in the model; "
             f"{ADAPTERS_CONFIG} holds the config that re-injects them",
             "keys": sorted(adapter_weights),
+            "dtypes": _dtype_counts(adapter_weights),
         }
     new_ids = list(getattr(model.decoder, "new_token_ids", []))
     meta = {
@@ -398,7 +422,8 @@ def _inject_adapters(model: nn.Module, configs: Any, config_path: Path) -> None:
 
 def load(path: str | Path, *, device: str | torch.device | None = None, registry: Any = None) -> nn.Module:
     """Rebuild the model of an export folder (see :func:`export_model`) with its trained weights, in
-    eval mode, on ``device`` (default: CPU). The backbones its recipe names must be reachable."""
+    eval mode, on ``device`` (default: CPU). The backbones its recipe names must be reachable. Each
+    component has the dtype its recipe names (the exported fp32 weights are cast to it)."""
     return load_with_recipe(path, device=device, registry=registry)[0]
 
 

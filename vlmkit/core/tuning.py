@@ -3,7 +3,9 @@
 ``frozen``: none. ``full``: all. ``lora``: peft LoRA adapters injected into the component (once;
 later stages reuse them), only the adapters train. ``partial``: the named sub-modules, or the last
 k decoder layers. Then ``embeddings`` (unless ``inherit``) sets the decoder's token embedding
-tables: ``frozen``, ``new_tokens`` (only the rows of added tokens) or ``all``.
+tables: ``frozen``, ``new_tokens`` (only the rows of added tokens) or ``all``. Last, every
+parameter that now trains is kept in fp32 (:func:`upcast_trainable_to_fp32`: master weights for
+bf16 / fp16 compute under autocast).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from vlmkit.core.recipe.schema import StageTune, TuneSpec
 
 
 def apply_tuning(model: Any, tune: StageTune, stage_label: str) -> dict[str, dict[str, int]]:
-    """Set ``requires_grad`` on every parameter of ``model`` as ``tune`` says.
+    """Set ``requires_grad`` on every parameter of ``model`` as ``tune`` says, then keep every
+    trainable parameter in fp32 (:func:`upcast_trainable_to_fp32`).
     Returns ``{component: {"trainable": n, "frozen": n}}``."""
     report: dict[str, dict[str, int]] = {}
     for name in ("encoder", "connector", "fusion", "decoder"):
@@ -31,7 +34,51 @@ def apply_tuning(model: Any, tune: StageTune, stage_label: str) -> dict[str, dic
     if tune.embeddings != "inherit":
         rows = _tune_embeddings(model.decoder, tune.embeddings, f"{stage_label}.tune.embeddings")
         report["embeddings"] = rows
+    upcast_trainable_to_fp32(model)
     return report
+
+
+#: storage dtypes whose trainable parameters are upcast to fp32 master weights
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def upcast_trainable_to_fp32(model: nn.Module) -> list[str]:
+    """Mixed precision's master weights: every trainable parameter of ``model`` (``requires_grad``)
+    stored in bf16 or fp16 is converted to fp32, in place; frozen parameters keep their dtype.
+
+    A component loaded in bf16 (``model.decoder.dtype: bfloat16``) then trains fp32 weights while
+    its frozen weights stay bf16: the optimizer updates fp32 values (in bf16, AdamW's small steps
+    mostly round away: at lr 2e-5 about three quarters of the weights never change), and the
+    compute runs in bf16 under the stage's autocast (``precision: bf16``), which casts the fp32
+    weights for each matrix product. Covered: fully and partially trained components, LoRA
+    adapters (peft creates them in their base layer's dtype) and the embedding tables (all of
+    them, also with ``new_tokens``, whose other rows stay as loaded since their gradient is masked).
+
+    - The ``torch.nn.Parameter`` objects stay the same (only their ``.data`` is replaced), so tied
+      weights (input and output embeddings), gradient hooks and optimizer references keep working;
+      a stale gradient of the old dtype is dropped.
+    - Nothing is ever cast back: a parameter trained in one stage and frozen in a later one stays
+      fp32 (checkpoints and exports then hold the trained values without a second rounding).
+    - Idempotent: a resumed run applies every stage's tuning again and gets the same dtypes.
+    - The half dtype the parameters came from is recorded on ``model.compute_dtype`` (when
+      ``model`` has that attribute, as :class:`~vlmkit.core.compose.VisionLanguageModel` does),
+      so the model's own ``forward`` and ``generate`` run under autocast in it outside the engine.
+
+    Returns the names of the parameters upcast by this call."""
+    upcast: list[str] = []
+    source: torch.dtype | None = None
+    for name, param in model.named_parameters():  # a tied parameter is listed once
+        if not param.requires_grad or param.dtype not in HALF_DTYPES:
+            continue
+        source = source or param.dtype
+        with torch.no_grad():
+            param.data = param.data.to(torch.float32)
+        if param.grad is not None and param.grad.dtype != torch.float32:
+            param.grad = None
+        upcast.append(name)
+    if source is not None and getattr(model, "compute_dtype", False) is None:
+        model.compute_dtype = source
+    return upcast
 
 
 def embedding_tables(decoder: Any) -> list[nn.Parameter]:

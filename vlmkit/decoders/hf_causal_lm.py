@@ -33,6 +33,9 @@ class HFCausalLMConfig(DecoderConfig):
     ``tokenizer_type`` is ``byte_level``)."""
     tokenizer_type: Literal["pretrained", "byte_level"] = "pretrained"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """The dtype the weights are loaded and kept in while frozen. What a stage trains (layers, LoRA
+    adapters, embedding tables) becomes fp32 master weights when the stage starts, so set that
+    stage's ``precision`` to the same half precision: it computes under autocast."""
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     trust_remote_code: bool = False
     special_tokens: list[str] = []

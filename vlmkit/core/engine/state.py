@@ -2,7 +2,10 @@
 
 A checkpoint folder ``<output>/checkpoints/step-<global step>`` holds:
 
-- ``model.safetensors``: every parameter trained so far in the run (all stages up to this one);
+- ``model.safetensors``: every parameter trained so far in the run (all stages up to this one), in
+  the dtype it is stored in: trained parameters are fp32 master weights even where their component
+  was loaded in bf16 / fp16 (:func:`vlmkit.core.tuning.upcast_trainable_to_fp32`), so a resume
+  continues from the exact values; a checkpoint written with half-precision values loads too;
 - ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's tensors and the rest of its state;
 - ``scheduler.json``, ``scaler.json`` (fp16 only);
 - ``rng.safetensors`` + ``rng.json``: torch (CPU and CUDA), numpy and Python generators;

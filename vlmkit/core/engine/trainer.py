@@ -6,6 +6,13 @@ is the token-level cross-entropy normalised by the number of answer tokens in th
 batch (so 1 process x batch 8 and 2 processes x batch 4 take the same step, whatever the answer
 lengths). Checkpoints (:mod:`vlmkit.core.engine.state`) make a run resumable exactly: a resumed run
 ends bitwise equal to an uninterrupted one on the CPU.
+
+Precision: ``precision: bf16`` / ``fp16`` runs each forward under autocast (fp16 with a gradient
+scaler); the loss is taken in fp32. Whatever dtype a component is loaded in, the parameters a stage
+trains are fp32 master weights (:func:`vlmkit.core.tuning.upcast_trainable_to_fp32`, part of
+applying the stage's tune modes), so AdamW updates fp32 values; frozen weights keep their dtype. A
+model holding both (a decoder loaded in bf16 with trained layers, LoRA adapters or embeddings) needs
+autocast: a stage with ``precision: fp32`` on it is refused with the knob to set.
 """
 
 from __future__ import annotations
@@ -237,12 +244,13 @@ class Engine:
         label = f"stages.{k}"
         if stage.init_from is not None and state is None:
             self._init_from(model, stage, label)
-        report = apply_tuning(model, stage.tune, label)
+        report = apply_tuning(model, stage.tune, label)  # trainable parameters now fp32 master weights
         self.trained |= {n for n, p in model.named_parameters() if p.requires_grad}
+        self._check_precision(model, stage, label)
         groups = param_groups(model, stage)
         if not groups:
             raise VlmkitError(f"{label}.tune: stage '{stage.name}' trains no parameters; set some component to full, lora or partial")
-        self._report(stage.name, report)
+        self._report(stage.name, report, model.compute_dtype)
         optimizer = build_optimizer(groups, stage)
         parts = [self.datasets[a] for a in stage.data]
         data = ConcatDataset(parts)
@@ -330,6 +338,24 @@ class Engine:
         self._data_report(stage, parts, collator)
         checkpoint = self._save(model, optimizer, scheduler, scaler, k, step, consumed, True)
         return StageResult(stage.name, step, losses, checkpoint)
+
+    @staticmethod
+    def _check_precision(model: VisionLanguageModel, stage: StageSpec, label: str) -> None:
+        """A model with fp32 master weights beside frozen half-precision ones computes only under
+        autocast: refuse ``precision: fp32`` there (it would mix dtypes in one matrix product)."""
+        half = model.compute_dtype
+        if half is None or stage.precision != "fp32":
+            return
+        stored = {p.dtype for p in model.parameters()}
+        if not stored & {torch.bfloat16, torch.float16}:
+            return  # every half-precision weight trains (now fp32): plain fp32 compute works
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[half]
+        raise VlmkitError(
+            f"{label}.precision: 'fp32', but the model holds frozen {name} weights (a component loaded with "
+            f"dtype {str(half).removeprefix('torch.')}) beside the fp32 master weights of the trained ones; "
+            f"set {label}.precision: {name} to compute in {name} under autocast (master weights stay fp32), "
+            "or load that component in float32"
+        )
 
     def _init_from(self, model: VisionLanguageModel, stage: StageSpec, label: str) -> None:
         """Load the stage's ``init_from`` weights (before its tuning wraps anything in adapters)."""
@@ -466,7 +492,7 @@ class Engine:
 
         return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
-    def _report(self, stage: str, report: dict[str, dict[str, int]]) -> None:
+    def _report(self, stage: str, report: dict[str, dict[str, int]], half: torch.dtype | None = None) -> None:
         if not self.progress:
             return
         lines = [f"stage {stage}: parameters", f"  {'part':<10} {'trainable':>14} {'frozen':>14}"]
@@ -474,4 +500,6 @@ class Engine:
             lines.append(f"  {comp:<10} {counts['trainable']:>14,} {counts['frozen']:>14,}")
         saved = len(self.trained)
         lines.append(f"  checkpoints hold the {saved} parameter tensors trained so far, optimizer, scheduler, RNG and data position")
+        if half is not None:
+            lines.append(f"  trained parameters are fp32 master weights; frozen ones loaded in {str(half).removeprefix('torch.')} stay so")
         tqdm.write("\n".join(lines))
