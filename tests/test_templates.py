@@ -1,9 +1,12 @@
 """The chat templates: exact text, exact supervised text, units, errors.
 
 Every sample is checked twice: through a helper that tokenises ``Sample.segments`` piece by piece
-(split on ``<image>``) as the collator does, and through :class:`vlmkit.core.data.collate.Collator`
-itself (byte-level tokenizer, one placeholder token per image). The supervised text is the decoding
-of the input ids whose label is not -100.
+(split on ``<image>``), and through :class:`vlmkit.core.data.collate.Collator` itself, which
+tokenises the whole text once and masks by character spans (byte-level tokenizer, one placeholder
+token per image). The byte-level tokenizer has no merges, so both give the same tokens; how the
+collator tokenises across segment joins with a merging (BPE) tokenizer is checked in
+``test_protocol_fidelity.py``. The supervised text is the decoding of the input ids whose label is
+not -100.
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ def record(query: Exchange, context: list[Exchange] | None = None, shared: bool 
 
 
 def by_pieces(sample: Sample, tok) -> tuple[str, str]:
-    """(full text, supervised text), tokenising the segments piece by piece as the collator does."""
+    """(full text, supervised text), tokenising the segments piece by piece (the same tokens as the
+    collator's whole-text tokenisation for the byte-level tokenizer, which has no merges)."""
     ids: list[int] = []
     trained: list[bool] = []
     image_id = tok.convert_tokens_to_ids("<image>")

@@ -310,8 +310,9 @@ class DatasetConfig(ComponentConfig):
 class Sample:
     """One training sample as text, before tokenisation (what a template renders).
 
-    ``segments`` are ``(text, trained)`` pairs rendered in order; the loss covers exactly the tokens
-    of the trained segments (end-of-answer markers included by the template). ``<image>`` in the text
+    ``segments`` are ``(text, trained)`` pairs rendered in order. The collator tokenises the whole
+    text once (as the original projects do) and the loss covers exactly the tokens that hold a
+    character of a trained segment (end-of-answer markers included by the template). ``<image>`` in the text
     marks where each of ``images`` goes, in order; an image is a PIL image or a list of PIL frames
     (a video clip). ``units`` lists the in-context examples that truncation may drop, oldest first,
     each as ``(first segment, end segment, first image, end image)`` (end exclusive).

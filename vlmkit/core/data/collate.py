@@ -1,9 +1,21 @@
 """Turning :class:`~vlmkit.core.interfaces.Sample` records into a batch.
 
-Labels come from the segments as they are tokenised, piece by piece: a token is trained exactly
-when it was produced by a trained segment, so the loss mask can never drift from the text (the
-"tokenization mismatch" of LLaVA cannot happen). Templates write the end markers (EOS,
-``<|endofchunk|>``) into their trained segments themselves.
+A sample's text (its segments joined) is tokenised ONCE, as a whole, so its tokens are the ones
+the original projects produce for that text: a segment join never splits a word (``"USER: "`` +
+``"Where"`` gives ``'ĠWhere'``, as the whole string does, not ``'Ġ', 'Where'``). The loss mask
+comes from character spans, never from counting tokens: the tokenizer's offset mapping gives each
+token its characters, and a token is trained iff at least one of its characters lies in a trained
+segment. So every trained character is in a trained token, and a token that straddles a join is
+trained whole: the answer's first token carries the space before it even where the template put
+that space in the prompt (mplug_owl's ``"AI: "`` + ``"A"`` -> ``'ĠA'``, trained; where the trained
+segment starts with the space, as in vicuna_v1's ``" {answer}</s>"``, the token lies inside it).
+Templates write the end markers (EOS, ``<|endofchunk|>``) into their trained segments themselves;
+added special tokens (``<image>``, ``<|endofchunk|>``, EOS) are split out by the tokenizer, so no
+token crosses them.
+
+Each ``<image>`` marker must come out as the single ``image_token`` (the builder adds it as a
+special token); it is then repeated to the image's placeholder count. The offsets need a fast
+(Rust) tokenizer; a slow one is an error, never a silent fallback to tokenising piece by piece.
 
 Truncation to ``max_length`` never cuts through an image's tokens or an answer: it drops whole
 in-context examples (``Sample.units``) from the front; a sample whose query alone is too long is
@@ -14,6 +26,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from itertools import accumulate
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +38,8 @@ from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import Preprocess, Sample
 
 IGNORE = -100
+#: the stand-in for a generation prompt's answer (a letter, as answers mostly start)
+_ANSWER_PROBE = "A"
 
 
 def image_to_tensor(image: Image.Image, pre: Preprocess) -> torch.Tensor:
@@ -50,6 +65,14 @@ class Collator:
     batch has the same number of frames ``F`` (1 for still images; datasets are drawn one per batch).
 
     ``placeholder_tokens``: ``<image>`` tokens per image, an int or a function of the frame count.
+
+    ``prompts``: the samples are generation prompts (a sample up to its answer, see
+    :func:`~vlmkit.core.evaluation.generation.split_prompt`). A prompt must end on the tokens that
+    precede the answer's first token in training, but a prompt that ends with whitespace (mplug_owl's
+    ``"AI: "``) tokenises it as a token of its own, where the whole training text merges it into the
+    answer (``'ĠA'``). So a prompt is tokenised with a stand-in answer letter after it, and the tokens
+    that reach into the letter are dropped when the prompt's part of them is whitespace only: the
+    prompt's ids are then exactly the training sample's ids before its first trained token.
     """
 
     tokenizer: Any
@@ -61,6 +84,7 @@ class Collator:
     max_length: int | None = None
     stats: Counter = field(default_factory=Counter)  # dropped_examples, truncated_samples, dropped_samples
     dropped_ids: list[str] = field(default_factory=list)  # the first samples left out for length
+    prompts: bool = False
 
     def __post_init__(self) -> None:
         self.image_token_id = int(self.tokenizer.convert_tokens_to_ids(self.image_token))
@@ -72,39 +96,79 @@ class Collator:
         return p(frames) if callable(p) else p
 
     def encode(self, sample: Sample) -> tuple[list[int], list[int]]:
-        """Token ids and labels of a sample, without truncation."""
+        """Token ids and labels of a sample, without truncation: the whole text tokenised once,
+        labels from the trained segments' character spans."""
         tok = self.tokenizer
         ids: list[int] = []
         labels: list[int] = []
-        first = sample.segments[0][0] if sample.segments else ""
-        if self.add_bos and tok.bos_token_id is not None and not (tok.bos_token and first.startswith(tok.bos_token)):
+        text = "".join(t for t, _ in sample.segments)
+        if self.add_bos and tok.bos_token_id is not None and not (tok.bos_token and text.startswith(tok.bos_token)):
             ids.append(tok.bos_token_id)  # unless the template's text already starts with it (chat templates)
             labels.append(IGNORE)
         images = list(sample.images)
-        n_images = 0
-        for text, trained in sample.segments:
-            pieces = text.split(self.image_token)
-            for i, piece in enumerate(pieces):
-                if i > 0:
-                    if n_images >= len(images):
-                        raise VlmkitError(
-                            f"sample '{sample.id}': its text has more {self.image_token} markers than its "
-                            f"{len(images)} images"
-                        )
-                    n = self._placeholders(len(_frames(images[n_images])))
-                    ids.extend([self.image_token_id] * n)
-                    labels.extend([IGNORE] * n)
-                    n_images += 1
-                if piece:
-                    piece_ids = tok(piece, add_special_tokens=False)["input_ids"]
-                    ids.extend(piece_ids)
-                    labels.extend(piece_ids if trained else [IGNORE] * len(piece_ids))
-        if n_images != len(images):
+        markers = text.count(self.image_token)
+        if markers != len(images):
             raise VlmkitError(
-                f"sample '{sample.id}': its text has {n_images} {self.image_token} markers but it has "
+                f"sample '{sample.id}': its text has {markers} {self.image_token} markers but it has "
                 f"{len(images)} images"
             )
+        if not text:
+            return ids, labels
+        token_ids, offsets = self._prompt_tokens(text) if self.prompts else self._tokenize(text)
+        trained = self._trained_chars(sample.segments, len(text))
+        n_images = 0
+        for token_id, (start, end) in zip(token_ids, offsets):
+            if token_id == self.image_token_id:
+                if text[start:end] != self.image_token:
+                    raise VlmkitError(
+                        f"sample '{sample.id}': the tokenizer produced the {self.image_token} token for "
+                        f"{text[start:end]!r}, not for a marker"
+                    )
+                n = self._placeholders(len(_frames(images[n_images])))
+                ids.extend([self.image_token_id] * n)
+                labels.extend([IGNORE] * n)
+                n_images += 1
+                continue
+            ids.append(token_id)
+            # trained iff one of its characters is (an empty span: the character it sits at)
+            labels.append(token_id if trained[start] < trained[max(end, start + 1)] else IGNORE)
+        if n_images != len(images):
+            raise VlmkitError(
+                f"sample '{sample.id}': the tokenizer did not keep {self.image_token} as one token "
+                f"({n_images} of {len(images)} markers); add it to the tokenizer as a special token"
+            )
         return ids, labels
+
+    def _prompt_tokens(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """A generation prompt's tokens: those of ``text`` followed by a stand-in answer, up to the
+        first token that reaches into it, if what those tokens hold of ``text`` is whitespace."""
+        token_ids, offsets = self._tokenize(text + _ANSWER_PROBE)
+        keep = next((k for k, (_, end) in enumerate(offsets) if end > len(text)), len(offsets))
+        cut = min([len(text), *(start for start, _ in offsets[keep:])])
+        if text[cut:].strip():  # the stand-in merged with the prompt's own text: tokenise it alone
+            return self._tokenize(text)
+        return token_ids[:keep], offsets[:keep]
+
+    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``text``'s token ids and each token's character span, without added BOS/EOS."""
+        tok = self.tokenizer
+        if not getattr(tok, "is_fast", False):
+            raise VlmkitError(
+                f"the collator needs a fast tokenizer (character offsets of tokens) to tokenise a sample's text "
+                f"once and mask it by character spans; {type(tok).__name__} is not one (load the decoder's "
+                "tokenizer with use_fast=True, or convert it)"
+            )
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    @staticmethod
+    def _trained_chars(segments: list[tuple[str, bool]], length: int) -> list[int]:
+        """Prefix counts of trained characters: ``c[j] - c[i]`` trained characters lie in ``[i, j)``."""
+        flags: list[int] = []
+        for seg_text, seg_trained in segments:
+            flags.extend([int(seg_trained)] * len(seg_text))
+        counts = [0, *accumulate(flags)]
+        return counts + [counts[-1]]  # an empty span at the very end
 
     def fit(self, sample: Sample) -> tuple[Sample, list[int], list[int]] | None:
         """The sample truncated to ``max_length`` by dropping in-context examples from the front

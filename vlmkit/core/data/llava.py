@@ -240,6 +240,16 @@ def _image_path(entry: dict[str, Any], key: str = "image", required: bool = True
     return value
 
 
+def _references(entry: dict[str, Any], key: str) -> list[str]:
+    """An optional list of reference texts (``answers``, ``captions``): absent -> ``[]``."""
+    value = entry.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise _Bad("malformed", f"'{key}' must be a non-empty list of non-empty strings")
+    return list(value)
+
+
 # ------------------------------------------------------------------------------------------- readers
 class LlavaConversations(JsonRecords):
     """LLaVA conversation JSON: ``[{id, image?, conversations: [{from: human|gpt, value}, ...]}]``.
@@ -248,7 +258,8 @@ class LlavaConversations(JsonRecords):
     be non-empty. The ``<image>`` marker of the first human turn (and the whitespace around it) is
     removed: the template places the markers, and the image becomes the query's media. A record
     without ``image`` is text-only (a marker there, or a marker after the first human turn, makes
-    the record malformed)."""
+    the record malformed). An optional ``answers`` list holds every acceptable answer to the last
+    question (e.g. VQA's 10 human answers), kept as the query's ``references`` for evaluations."""
 
     Config = ImageDataConfig
     type_name = "llava"
@@ -285,18 +296,21 @@ class LlavaConversations(JsonRecords):
             before, after = before.strip(), after.strip()
             first = f"{before}\n{after}" if before and after else before or after
             turns[0] = ("user", first)
-        return image, turns
+        return image, turns, _references(entry, "answers")
 
     def _record(self, rid: str, item: Any) -> Record:
-        image, turns = item
+        image, turns, references = item
         media = [Media(id=image, frames=[self._load_image(image)])] if image is not None else []
-        exchange = Exchange(turns=[Turn(role, text) for role, text in turns], media=media, id=rid)
+        exchange = Exchange(turns=[Turn(role, text) for role, text in turns], media=media, id=rid,
+                            references=references)
         return Record(id=rid, group="IMAGE_TEXT" if media else "TEXT_ONLY", query=exchange)
 
 
 class Captions(JsonRecords):
     """(image, caption) pairs, ``[{image, caption, id?}]`` (JSON list or JSONL): CAPTION records
-    whose user turn is ``prompt`` (default empty) and whose answer is the caption."""
+    whose user turn is ``prompt`` (default empty) and whose answer is the caption. An entry may give
+    ``captions: [...]`` (every reference caption of the image, as COCO has 5) instead of
+    ``caption``: the first is the record's answer, all are its query's ``references``."""
 
     Config = CaptionsConfig
     type_name = "captions"
@@ -308,16 +322,22 @@ class Captions(JsonRecords):
 
     def _parse(self, entry: dict[str, Any]) -> Any:
         image = _image_path(entry)
+        if "captions" in entry:
+            if "caption" in entry:
+                raise _Bad("malformed", "give 'caption' or 'captions', not both")
+            references = _references(entry, "captions")
+            return image, references[0], references
         caption = _text(entry, "caption")
         if not caption.strip():
             raise _Bad("empty_answer", "the caption is empty")
-        return image, caption
+        return image, caption, []
 
     def _record(self, rid: str, item: Any) -> Record:
-        image, caption = item
+        image, caption, references = item
         media = [Media(id=image, frames=[self._load_image(image)])]
         turns = [Turn("user", self.config.prompt), Turn("assistant", caption)]
-        return Record(id=rid, group="CAPTION", query=Exchange(turns=turns, media=media, id=rid))
+        exchange = Exchange(turns=turns, media=media, id=rid, references=references)
+        return Record(id=rid, group="CAPTION", query=exchange)
 
 
 class TextOnly(JsonRecords):

@@ -35,11 +35,23 @@ class Exchange:
     """User/assistant turns (alternating, starting with the user) and the media they are about.
 
     ``media`` go where the template puts ``<image>`` markers: before the exchange's first user
-    turn, in order. A text-only exchange has none."""
+    turn, in order. A text-only exchange has none.
+
+    ``references``: every acceptable answer to the exchange's last question, for evaluations that
+    score against several (VQA's 10 human answers, all captions of a picture); empty: the last
+    assistant turn is the only reference. Templates never render them."""
 
     turns: list[Turn]
     media: list[Media] = field(default_factory=list)
     id: str = ""
+    references: list[str] = field(default_factory=list)
+
+    def reference_answers(self) -> list[str]:
+        """``references``, or the last assistant turn's text when there are none (``[]`` if the
+        exchange has no assistant turn)."""
+        if self.references:
+            return list(self.references)
+        return [t.text for t in reversed(self.turns) if t.role == "assistant"][:1]
 
 
 @dataclass

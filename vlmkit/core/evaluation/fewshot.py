@@ -2,14 +2,26 @@
 
 Demonstrations come from a ``support`` data entry (the train split) and queries from a ``query``
 entry (held out); both are datasets of records with one picture and a question/answer exchange
-(captions, MIMIC-IT, LLaVA, ``class_folders``). Prompts are OpenFlamingo's, not the data's template:
+(``captions``, ``mimicit``, ``llava``, ``class_folders``, ``toy_captions``). A record's query may
+carry several references (``Exchange.references``: a ``captions`` entry's ``captions: [...]``, a
+``llava`` entry's ``answers: [...]``); without them its answer is the only reference. Prompts are
+OpenFlamingo's, not the data's template:
 
-- captioning: ``<image>Output:{caption}<|endofchunk|>`` per demonstration, beams 3, at most 20
-  new tokens, scored by CIDEr-D against the query's caption;
-- vqa: ``<image>Question:{q} Short answer:{a}<|endofchunk|>``, at most 5 new tokens, scored by VQA
-  accuracy;
-- classification: ``<image>Output:{class}<|endofchunk|>``; every class name is scored by its
-  length-normalised log-likelihood and the best one is the answer (top-1 accuracy).
+- captioning: ``<image>Output:{caption}<|endofchunk|>`` and a newline per demonstration (the
+  demonstration's caption, stripped), then ``<image>Output:``; beams 3, at most 20 new tokens; the
+  output is cut at the first ``Output`` and loses its double quotes; scored by CIDEr-D against
+  every reference caption of the query's picture;
+- vqa: ``<image>Question:{q} Short answer:{a}<|endofchunk|>`` and a newline per demonstration (its
+  answer: the record's answer, as OpenFlamingo shows the first human answer), then
+  ``<image>Question:{q} Short answer:``; beams 3, at most 5 new tokens; the output is cut at the
+  first ``Question``, ``Answer`` or ``Short`` and then at the first ``", "``; scored by VQA
+  accuracy against every reference answer (the benchmark's normalisation, 10-choose-9 averaging);
+- classification: ``<image>Output:{class}<|endofchunk|>`` per demonstration (no newline); every
+  class name is scored by its length-normalised log-likelihood and the best one is the answer
+  (top-1 accuracy).
+
+Beam search scores beams by their summed log-probability (``length_penalty`` 0, OpenFlamingo's
+evaluation default).
 
 Demonstrations are drawn at random from a fixed pool (the first ``pool`` support records after a
 seeded shuffle) or by RICES: the pool records whose pictures' encoder features are most similar to
@@ -32,7 +44,14 @@ from vlmkit.core.data.records import Record
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.evaluation.generation import generate
 from vlmkit.core.evaluation.likelihood import answer_loglikelihoods, normalised
-from vlmkit.core.evaluation.scoring import caption_tokens, cider_d, normalize, vqa_accuracy
+from vlmkit.core.evaluation.scoring import (
+    caption_tokens,
+    cider_d,
+    normalize,
+    postprocess_caption,
+    postprocess_vqa,
+    vqa_accuracy,
+)
 from vlmkit.core.interfaces import EvalContext, EvalResult, Evaluator, EvaluatorConfig, Sample
 
 END_OF_CHUNK = "<|endofchunk|>"
@@ -55,8 +74,10 @@ class FewShotConfig(EvaluatorConfig):
     """classification: the class names (default: every answer of the support pool and queries)."""
     max_new_tokens: PositiveInt | None = None
     """Default: 20 for captioning, 5 for vqa."""
-    num_beams: PositiveInt | None = None
-    """Default: 3 for captioning, 1 for vqa."""
+    num_beams: PositiveInt = 3
+    """Beams of the beam search (captioning and vqa; OpenFlamingo: 3)."""
+    length_penalty: float = 0.0
+    """Beam scores are summed log-probabilities divided by length ** this (OpenFlamingo: 0)."""
     batch_size: PositiveInt = 8
     seed: int = 0
     show: int = Field(3, ge=0)
@@ -69,8 +90,9 @@ class FewShotConfig(EvaluatorConfig):
         return value
 
 
-def picture_qa(record: Any, alias: str) -> tuple[Any, str, str]:
-    """(first picture, question, answer) of a record's query exchange."""
+def picture_qa(record: Any, alias: str) -> tuple[Any, str, str, list[str]]:
+    """(first picture, question, answer, references) of a record's query exchange; the references
+    are the exchange's ``references`` or, without them, ``[answer]``."""
     if not isinstance(record, Record):
         raise VlmkitError(f"eval: data '{alias}' yields {type(record).__name__}; fewshot needs records with pictures")
     query = record.query
@@ -80,7 +102,7 @@ def picture_qa(record: Any, alias: str) -> tuple[Any, str, str]:
     question = next((t.text for t in reversed(query.turns) if t.role == "user"), "")
     if answer is None:
         raise VlmkitError(f"eval: record '{record.id}' of data '{alias}' has no answer")
-    return query.media[0].frames[0], question, answer
+    return query.media[0].frames[0], question, answer, query.reference_answers()
 
 
 class FewShotEvaluator(Evaluator):
@@ -95,13 +117,17 @@ class FewShotEvaluator(Evaluator):
     def _text(self, question: str, answer: str | None, end: str) -> str:
         task = self.config.task
         body = f"Question:{question} Short answer:" if task == "vqa" else "Output:"
-        return body if answer is None else f"{body}{answer}{end}"
+        if answer is None:
+            return body
+        if task == "captioning":
+            answer = answer.strip()
+        # OpenFlamingo ends every captioning / VQA demonstration with a newline, not classification's
+        return f"{body}{answer}{end}" + ("" if task == "classification" else "\n")
 
-    def _prompt(self, demos: list[tuple[Any, str, str]], query: tuple[Any, str, str], shots: int, end: str,
-                answer: str | None = None) -> Sample:
+    def _prompt(self, demos: list[tuple], query: tuple, shots: int, end: str, answer: str | None = None) -> Sample:
         segments: list[tuple[str, bool]] = []
         images: list[Any] = []
-        for image, question, ans in demos:
+        for image, question, ans, *_ in demos:
             if shots > 0:
                 images.append(image)
                 segments.append((IMAGE_TOKEN + self._text(question, ans, end), False))
@@ -168,14 +194,17 @@ class FewShotEvaluator(Evaluator):
             if cfg.task == "classification":
                 predictions = self._classify(model, demo_sets, queries, shots, end, classes, context, row)
             else:
-                beams = cfg.num_beams or (3 if cfg.task == "captioning" else 1)
                 new = cfg.max_new_tokens or (20 if cfg.task == "captioning" else 5)
-                predictions = generate(model, prompts, _Stops, max_new_tokens=new, batch_size=cfg.batch_size,
-                                       num_beams=beams, progress=context.progress, desc=f"{context.label}: fewshot {row}")
-            scores = self._score(predictions, [q[1][2] for q in queries], [q[0] for q in queries])
+                outputs = generate(model, prompts, _Stops, max_new_tokens=new, batch_size=cfg.batch_size,
+                                   num_beams=cfg.num_beams, length_penalty=cfg.length_penalty,
+                                   progress=context.progress, desc=f"{context.label}: fewshot {row}")
+                cut = postprocess_caption if cfg.task == "captioning" else postprocess_vqa
+                predictions = [cut(o) for o in outputs]
+            scores = self._score(predictions, [q[1] for q in queries])
             for (qid, query), pred, score in zip(queries, predictions, scores):
                 items.append({"id": f"{row}/{qid}", "shots": shots, "question": query[1] or qid, "reference": query[2],
-                              "prediction": pred, "score": score, "correct": score > 0.5 if cfg.task != "captioning" else score > 1.0})
+                              "references": query[3], "prediction": pred, "score": score,
+                              "correct": score > 0.5 if cfg.task != "captioning" else score > 1.0})
             metrics[row] = sum(scores) / len(scores) if scores else 0.0
             counts[row] = len(scores)
         curves = {metric: {str(s): metrics[f"{s} shots"] for s in cfg.shots}}
@@ -195,15 +224,19 @@ class FewShotEvaluator(Evaluator):
             out.append(classes[max(range(len(classes)), key=row_scores.__getitem__)])
         return out
 
-    def _score(self, predictions: list[str], references: list[str], ids: list[str]) -> list[float]:
+    def _score(self, predictions: list[str], queries: list[tuple]) -> list[float]:
+        """Per query: CIDEr-D against all its reference captions (document frequencies over the
+        references of every query), VQA accuracy against all its answers, or whether the class
+        is its answer."""
         task = self.config.task
+        references = [q[3] for q in queries]
         if task == "captioning":
-            if not ids:
+            if not queries:
                 return []
-            keys = [f"{i}:{qid}" for i, qid in enumerate(ids)]
+            keys = [str(i) for i in range(len(queries))]
             _, per = cider_d({k: caption_tokens(p) for k, p in zip(keys, predictions)},
-                             {k: [caption_tokens(r)] for k, r in zip(keys, references)})
+                             {k: [caption_tokens(r) for r in refs] for k, refs in zip(keys, references)})
             return [per[k] for k in keys]
         if task == "vqa":
-            return [vqa_accuracy(p, [r]) for p, r in zip(predictions, references)]
-        return [float(normalize(p) == normalize(r)) for p, r in zip(predictions, references)]
+            return [vqa_accuracy(p, refs) for p, refs in zip(predictions, references)]
+        return [float(normalize(p) == normalize(q[2])) for p, q in zip(predictions, queries)]

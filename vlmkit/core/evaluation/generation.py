@@ -57,17 +57,21 @@ def generate(
     max_new_tokens: int = 16,
     batch_size: int = 8,
     num_beams: int = 1,
+    length_penalty: float | None = None,
     progress: bool = False,
     desc: str = "generating",
     on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Greedy (or beam) answers to ``prompts``, batched with left padding, in order. Media of one
-    batch must have the same frame count: prompts are grouped by it."""
+    batch must have the same frame count: prompts are grouped by it. ``length_penalty`` (beam
+    search only): beam scores are summed log-probabilities divided by length ** it (transformers'
+    default 1.0 when unset)."""
     tokenizer = model.decoder.tokenizer
     collator = Collator(tokenizer=tokenizer, preprocess=model.encoder.preprocess, image_token=IMAGE_TOKEN,
-                        placeholder_tokens=model.placeholder_tokens, padding_side="left")
+                        placeholder_tokens=model.placeholder_tokens, padding_side="left", prompts=True)
     stops = stop_token_ids(tokenizer, template)
     device = next(model.parameters()).device
+    beam_options = {"length_penalty": length_penalty} if num_beams > 1 and length_penalty is not None else {}
 
     def frames(sample: Sample) -> int:
         return max((len(img) if isinstance(img, list) else 1 for img in sample.images), default=1)
@@ -89,7 +93,7 @@ def generate(
             tensors = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "vision_x", "media_mask")}
             with torch.no_grad():
                 new = model.generate(**tensors, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
-                                     eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+                                     eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, **beam_options)
             for i, row in zip(batch_ids, new):
                 answers[i] = clean_answer(tokenizer.decode(row, skip_special_tokens=False), tokenizer)
             if on_batch is not None:

@@ -4,8 +4,9 @@ A template turns a :class:`~vlmkit.core.data.records.Record` into a
 :class:`~vlmkit.core.interfaces.Sample`. The :class:`SampleBuilder` collects its text as segments
 (trained or not), keeps the media in ``<image>`` marker order, and records each in-context example
 as a unit (a range of segments and images) that truncation may drop from the front. Adjacent
-segments with the same trained flag are merged, never across a unit's edge, so the collator
-tokenises as few pieces as possible.
+segments with the same trained flag are merged, never across a unit's edge. Segments only mark
+character spans: the collator tokenises the sample's whole text at once and trains the tokens that
+hold trained characters, so where segments join never changes the tokens.
 
 Every template lays its text out so that dropping the first unit leaves exactly what the template
 renders for the record without its first in-context example: separators and role headers that

@@ -10,8 +10,10 @@ Loss: mPLUG-Owl's ``_extract_text_token_from_conversation`` splits the text on `
 ``"\\nHuman: "``, labels the chunk after each ``"AI: "`` and appends the EOS token to it (labelled
 too), after every answer, not only the last. So the trained segments are ``"{a}</s>"`` (``</s>`` =
 the tokenizer's EOS text) and ``"AI: "`` with its space stays untrained, as in the reference (its
-generation prompt ends with ``"AI: "``). ``train_context_answers`` (default true) can restrict the
-loss to the query's answers. Units: one per in-context example, its ``\\nHuman:`` lines and answers.
+generation prompt ends with ``"AI: "``). The collator tokenises the whole text, where a BPE
+tokenizer merges that space into the answer's first token (``'ĠA'``); that token holds trained
+characters and is trained, and a generation prompt ends before it (on ``':'``), as in training.
+``train_context_answers`` (default true) can restrict the loss to the query's answers. Units: one per in-context example, its ``\\nHuman:`` lines and answers.
 """
 
 from __future__ import annotations
