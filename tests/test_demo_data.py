@@ -1,5 +1,7 @@
 """The generated demo data: real MIMIC-IT and LLaVA formats, deterministic, answers that match the
-pixels, a held-out split, the cache and ``recipes data demo``.
+pixels, a held-out split, the cache and ``recipes data demo``; and a demo that cannot be gamed:
+answers not predictable from the question, at least three answers per question type held out, and
+in-context examples that never give their query's answer away.
 
 The answers are checked against what is found in the decoded images (shapes, colours, columns,
 motion measured from the pixels), independently of the generator's own bookkeeping."""
@@ -26,10 +28,13 @@ from vlmkit.core.data import demo
 from vlmkit.core.errors import VlmkitError
 
 SIZE = "tiny"
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
+COLOURS = dict(demo.COLOURS)  # the colour words' fills
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
          "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen"]
+COLUMN_NAMES = ("left", "middle", "right")
 INSTRUCTION_KEYS = {"instruction", "answer", "image_ids", "rel_ins_ids"}
+SCENE_TYPES = {"colour", "count", "where", "shape"}
+TYPES = SCENE_TYPES | {"video direction", "video colour", "video shape"}
 
 
 def files_of(root: Path) -> dict[str, bytes]:
@@ -44,6 +49,14 @@ def load(root: Path, name: str) -> Any:
 def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     root = tmp_path_factory.mktemp("demo") / "data"
     return root, demo.write_demo_data(root, seed=0, size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The size the demo recipes use (seed 0): what the held-out figures are measured on."""
+    root = tmp_path_factory.mktemp("demo") / "small"
+    demo.write_demo_data(root, seed=0, size="small")
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -86,21 +99,25 @@ def blobs(image: Image.Image) -> list[dict[str, Any]]:
             shape = "square" if fill > 0.95 else "circle" if fill > 0.7 else "triangle" if fill > 0.4 else "?"
             cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
             found.append({"colour": colour, "shape": shape, "cx": cx, "cy": cy,
-                          "column": ("left", "middle", "right")[min(2, int(cx * 3 // size))]})
+                          "column": COLUMN_NAMES[min(2, int(cx * 3 // size))],
+                          "row": min(2, int(cy * 3 // size))})
     return found
 
 
 def answer_from_pixels(instruction: str, image: Image.Image) -> str:
     objects = blobs(image)
-    if instruction == "How many shapes are there?":
-        return WORDS[len(objects)]
-    match = re.fullmatch(r"(What colour (?:is|are) the|How many|Where (?:is|are) the) (\w+?)s?(?: are there)?\?",
-                         instruction)
+    match = re.fullmatch(r"Which shape is (?:on the (left|right)|in the (middle))\?", instruction)
+    if match:
+        column = match.group(1) or match.group(2)
+        shapes = {o["shape"] for o in objects if o["column"] == column}
+        assert len(shapes) == 1, f"{instruction!r} is ambiguous: {shapes}"
+        return shapes.pop()
+    match = re.fullmatch(r"(What colour are the|How many|Where are the) (\w+)s(?: are there)?\?", instruction)
     assert match, instruction
     question, shape = match.groups()
     mine = [o for o in objects if o["shape"] == shape]
     assert mine, f"no {shape} in the image for {instruction!r}"
-    if question.startswith("How many"):
+    if question == "How many":
         return WORDS[len(mine)]
     key = "colour" if question.startswith("What colour") else "column"
     values = {o[key] for o in mine}
@@ -111,35 +128,42 @@ def answer_from_pixels(instruction: str, image: Image.Image) -> str:
 def caption_from_pixels(image: Image.Image) -> str:
     groups: dict[tuple[str, str, str], int] = Counter((o["shape"], o["colour"], o["column"]) for o in blobs(image))
     parts = []
-    for (shape, colour, column), n in sorted(groups.items(), key=lambda g: ("left", "middle", "right").index(g[0][2])):
+    for (shape, colour, column), n in sorted(groups.items(), key=lambda g: COLUMN_NAMES.index(g[0][2])):
         where = "in the middle" if column == "middle" else f"on the {column}"
         parts.append(f"{'a' if n == 1 else WORDS[n]} {colour} {shape if n == 1 else shape + 's'} {where}")
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def clip_answer_from_pixels(instruction: str, frames: list[Image.Image]) -> str:
+def motions_from_pixels(frames: list[Image.Image]) -> dict[tuple[str, str], str]:
+    """(shape, colour) -> direction of each shape of a clip, measured from its blobs frame by frame."""
     per_frame = [blobs(f) for f in frames]
-    assert all(len(b) == 2 for b in per_frame), "a clip shows one moving and one still shape"
+    assert all(len(b) == 2 for b in per_frame), "a clip shows two shapes that never overlap"
     keyed = [{(o["shape"], o["colour"]): o for o in b} for b in per_frame]
-    moving = [k for k in keyed[0] if (keyed[0][k]["cx"], keyed[0][k]["cy"]) != (keyed[-1][k]["cx"], keyed[-1][k]["cy"])]
-    assert len(moving) == 1
-    shape, colour = moving[0]
-    dx = keyed[-1][moving[0]]["cx"] - keyed[0][moving[0]]["cx"]
-    dy = keyed[-1][moving[0]]["cy"] - keyed[0][moving[0]]["cy"]
-    xs = [k[moving[0]]["cx"] for k in keyed]
-    ys = [k[moving[0]]["cy"] for k in keyed]
-    assert (xs == sorted(xs) or xs == sorted(xs, reverse=True)) and (ys == sorted(ys) or ys == sorted(ys, reverse=True))
-    if instruction == "What colour is the moving shape?":
-        return colour
-    if instruction == "Which shape is moving?":
-        return shape
-    match = re.fullmatch(r"Which way is the (\w+) (\w+) moving\?", instruction)
-    assert match and match.groups() == (colour, shape), instruction
-    if abs(dx) > abs(dy):
-        assert dy == 0
-        return "right" if dx > 0 else "left"
-    assert dx == 0
-    return "down" if dy > 0 else "up"
+    assert all(set(k) == set(keyed[0]) for k in keyed)
+    motions = {}
+    for key in keyed[0]:
+        xs, ys = [k[key]["cx"] for k in keyed], [k[key]["cy"] for k in keyed]
+        assert len(set(xs)) == 1 or len(set(ys)) == 1, "a shape moves along a row or a column"
+        if len(set(ys)) == 1:
+            assert xs in (sorted(xs), sorted(xs, reverse=True)) and len(set(xs)) == len(xs)
+            motions[key] = "right" if xs[-1] > xs[0] else "left"
+        else:
+            assert ys in (sorted(ys), sorted(ys, reverse=True)) and len(set(ys)) == len(ys)
+            motions[key] = "down" if ys[-1] > ys[0] else "up"
+    assert len(set(motions.values())) == 2, "the two shapes move in different directions"
+    return motions
+
+
+def clip_answer_from_pixels(instruction: str, frames: list[Image.Image]) -> str:
+    motions = motions_from_pixels(frames)
+    match = re.fullmatch(r"Which way is the (\w+) moving\?", instruction)
+    if match:
+        (direction,) = [d for (shape, _), d in motions.items() if shape == match.group(1)]
+        return direction
+    match = re.fullmatch(r"(What colour is the shape|Which shape is) moving (\w+)\?", instruction)
+    assert match, instruction
+    ((shape, colour),) = [key for key, d in motions.items() if d == match.group(2)]
+    return colour if match.group(1).startswith("What colour") else shape
 
 
 # ----------------------------------------------------------------------------------- determinism
@@ -151,6 +175,25 @@ def test_same_seed_gives_byte_identical_files(written, tmp_path: Path) -> None:
     other = demo.write_demo_data(tmp_path / "other", seed=1, size=SIZE)
     assert other["files"]["DEMO.parquet"] != manifest["files"]["DEMO.parquet"]
     assert (tmp_path / "other" / "DEMO_instructions.json").read_bytes() != (root / "DEMO_instructions.json").read_bytes()
+
+
+def test_in_memory_data_is_the_written_data_and_grows_by_extension(written) -> None:
+    """:func:`demo.build_demo` gives what is written; more scenes or clips extend a split (the
+    feature probe relies on it: its first training scenes are the demo's)."""
+    root, _ = written
+    built = demo.build_demo(0, SIZE)
+    table = pq.read_table(root / "DEMO.parquet")
+    stored = dict(zip(table.column("id").to_pylist(), table.column("base64").to_pylist()))
+    assert {i: base64.urlsafe_b64encode(png).decode() for i, png in built.images} == stored
+    assert built.evaluation == load(root, "DEMO_EVAL_instructions.json")["data"]
+    counts = demo.SIZES[SIZE]
+    more = demo.build_demo(0, SIZE, counts={"eval_scenes": counts["eval_scenes"] + 6,
+                                            "train_clips": counts["train_clips"] + 3})
+    for image_id in built.scenes:
+        assert more.scenes[image_id] == built.scenes[image_id]
+    for clip_id in built.clips:
+        assert more.clips[clip_id] == built.clips[clip_id]
+    assert len(more.eval_scenes) == len(built.eval_scenes) + 6
 
 
 # ---------------------------------------------------------------------------------------- parquet
@@ -222,13 +265,16 @@ def test_train_configs(written) -> None:
             assert all(cid in data and cid != rid for cid in context)
 
 
+def layout_of(scene: dict[str, Any]) -> tuple[str, ...]:
+    """The shapes left to right."""
+    return tuple(sorted({(COLUMN_NAMES.index(o["column"]), o["shape"]) for o in scene["objects"]}))
+
+
 def test_in_context_examples_of_the_three_kinds(written) -> None:
     root, manifest = written
     data = load(root, "DEMO_instructions.json")["data"]
-    scenes = load(root, "DEMO_scenes.json")["scenes"]
-
-    def description(image_id: str) -> list[tuple]:
-        return sorted((o["shape"], o["colour"], o["column"]) for o in scenes[image_id]["objects"])
+    described = load(root, "DEMO_scenes.json")
+    scenes, asks = described["scenes"], described["instructions"]
 
     kinds: Counter[str] = Counter()
     for rid, context in load(root, "DEMO_train.json").items():
@@ -238,10 +284,16 @@ def test_in_context_examples_of_the_three_kinds(written) -> None:
     for rid, context in load(root, "DEMO_ICL_train.json").items():
         image = data[rid]["image_ids"][0]
         assert context and all(data[c]["image_ids"][0] != image for c in context)
-        if all(data[c]["instruction"] == data[rid]["instruction"] for c in context):
-            kinds["similar_text"] += 1  # (b) the same question about other images
-        else:  # (c) other images drawn from the same description
-            assert all(description(data[c]["image_ids"][0]) == description(image) for c in context)
+        assert len(context) == 3
+        layouts = {layout_of(scenes[data[c]["image_ids"][0]]) for c in context}
+        families = {scenes[data[c]["image_ids"][0]]["family"] for c in context}
+        if all(asks[c]["kind"] == asks[rid]["kind"] for c in context):
+            # (b) a question of the same type about another target, in images of other families
+            assert scenes[image]["family"] not in families
+            kinds["similar_text"] += 1
+        else:  # (c) colour and count questions about other images of the same layout (family)
+            assert families == {scenes[image]["family"]} and layouts == {layout_of(scenes[image])}
+            assert {asks[c]["kind"] for c in context} <= {"colour", "count"}
             kinds["similar_image"] += 1
     assert all(kinds[k] > 0 for k in ("none", "same_image", "similar_text", "similar_image")), kinds
     assert dict(kinds) == {k: v for k, v in manifest["counts"]["in_context"].items() if v}
@@ -260,23 +312,40 @@ def test_scene_answers_match_the_pixels(written, images) -> None:
             image = images[record["image_ids"][0]]
             assert answer_from_pixels(record["instruction"], image) == record["answer"], rid
             seen_questions.add(record["instruction"].split()[0])
-    assert seen_questions == {"What", "How", "Where"}
+    assert seen_questions == {"What", "How", "Where", "Which"}
     # and what the pixels show is what the scene descriptions say was drawn
     for image_id, scene in load(root, "DEMO_scenes.json")["scenes"].items():
-        found = sorted((o["shape"], o["colour"], o["column"]) for o in blobs(images[image_id]))
-        assert found == sorted((o["shape"], o["colour"], o["column"]) for o in scene["objects"]), image_id
+        found = sorted((o["shape"], o["colour"], o["column"], o["row"]) for o in blobs(images[image_id]))
+        assert found == sorted((o["shape"], o["colour"], o["column"], o["row"]) for o in scene["objects"]), image_id
+
+
+def test_every_scene_shows_three_groups_filling_their_columns_from_the_top(written, images) -> None:
+    """Circles, squares and triangles, one group per column, each of one colour and one to three
+    objects in the top rows of its column: the count is how far down the column reaches."""
+    root, _ = written
+    layouts = Counter()
+    for image_id in load(root, "DEMO_scenes.json")["scenes"]:
+        found = blobs(images[image_id])
+        by_column = {c: [o for o in found if o["column"] == c] for c in COLUMN_NAMES}
+        assert all(1 <= len(v) <= 3 for v in by_column.values()), image_id
+        assert all(len({(o["shape"], o["colour"]) for o in v}) == 1 for v in by_column.values()), image_id
+        assert all(sorted(o["row"] for o in v) == list(range(len(v))) for v in by_column.values()), image_id
+        layout = tuple(v[0]["shape"] for v in by_column.values())
+        assert sorted(layout) == ["circle", "square", "triangle"]
+        layouts[layout] += 1
+    assert len(layouts) == 6  # every order of the three shapes
 
 
 def test_clip_answers_match_the_pixels(written, images) -> None:
     root, _ = written
-    directions = set()
+    answers: dict[str, set[str]] = {}
     for name in ("DEMO_VIDEO_instructions.json", "DEMO_VIDEO_EVAL_instructions.json"):
         for rid, record in load(root, name)["data"].items():
             frames = [images[i] for i in record["image_ids"]]
             assert clip_answer_from_pixels(record["instruction"], frames) == record["answer"], rid
-            if record["instruction"].startswith("Which way"):
-                directions.add(record["answer"])
-    assert len(directions) >= 2
+            answers.setdefault(record["instruction"].split()[1], set()).add(record["answer"])
+    assert set(answers) == {"way", "colour", "shape"}
+    assert all(len(v) >= 2 for v in answers.values()), answers
 
 
 def test_text_only_answers(written) -> None:
@@ -296,18 +365,28 @@ def test_answers_follow_the_scene_descriptions(written) -> None:
     for image_id, scene in list(scenes["scenes"].items())[:6]:
         drawn = np.asarray(demo.render_scene(scene))
         np.testing.assert_array_equal(drawn, np.asarray(Image.open(io.BytesIO(base64.urlsafe_b64decode(stored[image_id])))))
+    for clip in list(scenes["clips"].values())[:2]:
+        for f, frame_id in enumerate(clip["frames"]):
+            stored_frame = Image.open(io.BytesIO(base64.urlsafe_b64decode(stored[frame_id])))
+            np.testing.assert_array_equal(np.asarray(demo.render_frame(clip, f)), np.asarray(stored_frame))
     for name in INSTRUCTION_FILES:
         for rid, record in load(root, name)["data"].items():
             q = scenes["instructions"][rid]
             if q["kind"] == "sum":
                 expected = WORDS[sum(q["operands"])]
             elif q["about"] in scenes["clips"]:
-                expected = demo.clip_answer(q["kind"], scenes["clips"][q["about"]])
+                shapes = scenes["clips"][q["about"]]["objects"]
+                if q["kind"] == "direction":
+                    (expected,) = [o["direction"] for o in shapes if o["shape"] == q["target"]]
+                else:
+                    (expected,) = [o[q["kind"]] for o in shapes if o["direction"] == q["target"]]
+            elif q["kind"] == "shape":
+                objects = scenes["scenes"][q["about"]]["objects"]
+                (expected,) = {o["shape"] for o in objects if o["column"] == q["target"]}
             else:
-                objects = [o for o in scenes["scenes"][q["about"]]["objects"] if o["shape"] == q["shape"]]
-                expected = {"total": WORDS[len(scenes["scenes"][q["about"]]["objects"])], "count": WORDS[len(objects)],
-                            "colour": objects[0]["colour"] if objects else None,
-                            "where": objects[0]["column"] if objects else None}[q["kind"]]
+                objects = [o for o in scenes["scenes"][q["about"]]["objects"] if o["shape"] == q["target"]]
+                expected = {"count": WORDS[len(objects)], "colour": objects[0]["colour"],
+                            "where": objects[0]["column"]}[q["kind"]]
             assert record["answer"] == expected, rid
 
 
@@ -328,6 +407,125 @@ def test_held_out_split_is_disjoint_from_training(written) -> None:
     held_images = {i for r in held.values() for i in r["image_ids"]}
     assert not train_images & held_images
     assert {c["id"] for c in load(root, "captions_eval.json")} <= held_images
+    scenes = load(root, "DEMO_scenes.json")["scenes"]
+
+    def looks(image_id: str) -> list[tuple]:
+        return sorted((o["shape"], o["colour"], o["column"], o["row"]) for o in scenes[image_id]["objects"])
+
+    seen = {str(looks(i)) for i in scenes if i in train_images}
+    assert not any(str(looks(i)) in seen for i in scenes if i in held_images)  # no held-out scene is a training one
+
+
+# ------------------------------------------------------------------------------ not gameable
+def in_context_pairs(root: Path) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
+    """(query id, example id, query record, example record) for every in-context example of every
+    train config."""
+    pairs = []
+    for instructions, configs in (("DEMO_instructions.json", ("DEMO_train.json", "DEMO_ICL_train.json")),
+                                  ("DEMO_VIDEO_instructions.json", ("DEMO_VIDEO_train.json",))):
+        data = load(root, instructions)["data"]
+        for config in configs:
+            for rid, context in load(root, config).items():
+                pairs += [(rid, c, data[rid], data[c]) for c in context]
+    return pairs
+
+
+@pytest.mark.parametrize("which", ["tiny", "small"])
+def test_no_in_context_example_gives_its_query_s_answer_away(written, small, which: str) -> None:
+    root = written[0] if which == "tiny" else small
+    pairs = in_context_pairs(root)
+    asks = load(root, "DEMO_scenes.json")["instructions"]
+    scenes = load(root, "DEMO_scenes.json")["scenes"]
+    assert len({q for q, *_ in pairs}) > (40 if which == "small" else 10)
+    # the leak count: an example asking the query's question with the query's answer
+    leaks = [(q, e) for q, e, query, example in pairs
+             if (example["instruction"], example["answer"]) == (query["instruction"], query["answer"])]
+    assert leaks == []
+    # no example asks the query's question at all, nor the same type about the same image or clip
+    assert not [(q, e) for q, e, query, example in pairs if example["instruction"] == query["instruction"]]
+    assert not [(q, e) for q, e, *_ in pairs
+                if (asks[q]["kind"], asks[q]["about"]) == (asks[e]["kind"], asks[e]["about"])]
+    for q, e, query, example in pairs:
+        kinds = (asks[q]["kind"], asks[e]["kind"])
+        if q.startswith("DEMO_VID"):
+            # a clip's direction question names a shape and tells where it moves: never with the others
+            assert set(kinds) == {"colour", "shape"}, (q, e)
+            continue
+        # the columns of the shapes are a permutation: about an image chosen for having the
+        # query's layout (itself, or another of its family), one tells of another
+        family = scenes[query["image_ids"][0]]["family"] == scenes[example["image_ids"][0]]["family"]
+        if family:
+            assert not set(kinds) <= {"where", "shape"}, (q, e)
+
+
+def test_copying_an_example_s_answer_is_no_better_than_chance(small) -> None:
+    """Answering an in-context query with the answer its examples give most often (among those that
+    answer the query's type) is right about as often as a guess, not more."""
+    asks = load(small, "DEMO_scenes.json")["instructions"]
+    by_kind: dict[str, set[str]] = {}
+    for rid, q in asks.items():
+        if q["kind"] != "sum":
+            by_kind.setdefault(("video " if q.get("clip") else "") + q["kind"], set())
+    data = {**load(small, "DEMO_instructions.json")["data"], **load(small, "DEMO_VIDEO_instructions.json")["data"]}
+    for rid, record in data.items():
+        by_kind[("video " if asks[rid].get("clip") else "") + asks[rid]["kind"]].add(record["answer"])
+    examples: dict[str, list[str]] = {}
+    for q, _e, query, example in in_context_pairs(small):
+        examples.setdefault(q, []).append(example["answer"])
+    right = tried = 0
+    for q, answers in examples.items():
+        kind = ("video " if asks[q].get("clip") else "") + asks[q]["kind"]
+        usable = [a for a in answers if a in by_kind[kind]]
+        if usable:
+            tried += 1
+            right += Counter(usable).most_common(1)[0][0] == data[q]["answer"]
+    assert tried > 200
+    assert right / tried <= 0.4, (right, tried)
+
+
+def test_held_out_answers_are_spread_and_not_predictable_from_the_question(small) -> None:
+    """Per type at least three answers held out, none more than 45% of them, and a model that
+    answers from the question alone (each question's most frequent training answer: blind, or
+    with shuffled images) right at most 45% of the time."""
+    types = load(small, "DEMO_EVAL_types.json")
+    held = {**load(small, "DEMO_EVAL_instructions.json")["data"],
+            **load(small, "DEMO_VIDEO_EVAL_instructions.json")["data"]}
+    assert set(types) == set(held) and set(types.values()) == TYPES  # "total" is gone, "shape" is asked
+    answers: dict[str, Counter[str]] = {}
+    for rid, record in held.items():
+        answers.setdefault(types[rid], Counter())[record["answer"]] += 1
+    for kind, counts in answers.items():
+        assert len(counts) >= 3, (kind, counts)
+        assert max(counts.values()) / sum(counts.values()) <= 0.45, (kind, counts)
+    assert all(sum(answers[k].values()) >= 12 for k in TYPES)
+    train = {**load(small, "DEMO_instructions.json")["data"], **load(small, "DEMO_VIDEO_instructions.json")["data"]}
+    seen: dict[str, Counter[str]] = {}
+    for record in train.values():
+        seen.setdefault(record["instruction"], Counter())[record["answer"]] += 1
+    blind = Counter()
+    for rid, record in held.items():
+        guess = seen[record["instruction"]].most_common(1)[0][0]  # every held-out question is asked in training
+        blind[types[rid]] += guess == record["answer"]
+    assert sum(blind.values()) / len(held) <= 0.45, blind
+    per_type_majority = sum(max(c.values()) for c in answers.values()) / len(held)
+    assert per_type_majority <= 0.45
+
+
+def test_questions_are_worded_alike_whatever_the_scene(small) -> None:
+    """A question's words do not depend on the answer: the same few questions for every scene
+    (plural even for one object), every target asked about alike."""
+    asks = load(small, "DEMO_scenes.json")["instructions"]
+    texts: dict[str, set[str]] = {}
+    targets: dict[str, Counter[str]] = {}
+    for name in ("DEMO_instructions.json", "DEMO_VIDEO_instructions.json"):
+        for rid, record in load(small, name)["data"].items():
+            kind = ("video " if asks[rid].get("clip") else "") + asks[rid]["kind"]
+            texts.setdefault(kind, set()).add(record["instruction"])
+            targets.setdefault(kind, Counter())[asks[rid]["target"]] += 1
+    assert {k: len(v) for k, v in texts.items()} == {
+        "colour": 3, "count": 3, "where": 3, "shape": 3, "video direction": 3, "video colour": 4, "video shape": 4}
+    for kind, counts in targets.items():
+        assert min(counts.values()) / max(counts.values()) > 0.35, (kind, counts)
 
 
 # --------------------------------------------------------------------------------------- captions
