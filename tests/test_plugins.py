@@ -165,6 +165,7 @@ BUILTINS = [  # registry.yaml order, grouped by kind as the hooks register them
     ("template", "lcl"),
     ("template", "chat_template"),
     ("evaluator", "instructions"),
+    ("evaluator", "image_use"),
     ("evaluator", "lcl"),
     ("evaluator", "lcl_false_ratio"),
     ("evaluator", "lcl_position"),

@@ -10,6 +10,7 @@ id -> type, such as the demo data's ``DEMO_EVAL_types.json``), else each data en
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ class InstructionsConfig(EvaluatorConfig):
     """Sample questions to show with their answers."""
 
 
-def _question_types(path: str | None) -> dict[str, str] | None:
+def read_question_types(path: str | None) -> dict[str, str] | None:
+    """The ``question_types`` file of an eval entry (record id -> type), or None without one."""
     if path is None:
         return None
     file = Path(path).expanduser()
@@ -52,6 +54,48 @@ def _question_types(path: str | None) -> dict[str, str] | None:
     return data
 
 
+@dataclass
+class HeldOutQuestion:
+    """One held-out record rendered for evaluation: ``sample`` (the whole rendered text with its
+    answer, what a teacher-forced loss reads), ``prompt`` (cut before the final answer, what
+    generation continues) and ``item`` (id, data, type, question, reference: the start of the
+    record's entry in a result's items)."""
+
+    sample: Sample
+    prompt: Sample
+    item: dict[str, Any]
+
+
+def held_out_questions(
+    context: EvalContext, alias: str, tokenizer: Any, *, types: dict[str, str] | None, types_file: str | None,
+    limit: int | None, evaluator: str,
+) -> list[HeldOutQuestion]:
+    """The first ``limit`` (all: None) records of data entry ``alias`` rendered by its template, each
+    with its question type (from ``types``, read from ``types_file``; none: the alias) and its
+    reference answer (the record's last assistant turn, or a ready-made sample's final answer)."""
+    dataset, template = context.datasets[alias], context.templates.get(alias)
+    questions: list[HeldOutQuestion] = []
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    for index in range(n):
+        record = dataset[index]
+        if isinstance(record, Sample):
+            sample, question, reference = record, None, None
+        else:
+            if template is None:
+                raise VlmkitError(f"data.{alias}.template: the {evaluator} evaluator needs the chat template of '{alias}'")
+            sample = template.render(record, tokenizer)
+            question, reference = _question_and_answer(record)
+        prompt, target = split_prompt(sample)
+        if reference is None:
+            reference = target
+        if types is not None and sample.id not in types:
+            raise VlmkitError(f"eval: question_types: '{types_file}' has no type for record '{sample.id}' of data.{alias}")
+        item = {"id": sample.id, "data": alias, "type": types[sample.id] if types is not None else alias,
+                "question": question, "reference": reference}
+        questions.append(HeldOutQuestion(sample, prompt, item))
+    return questions
+
+
 class InstructionsEvaluator(Evaluator):
     """Held-out instruction following, greedy answers scored by exact match, per question type."""
 
@@ -62,32 +106,16 @@ class InstructionsEvaluator(Evaluator):
 
     def evaluate(self, model: Any, context: EvalContext) -> EvalResult:
         cfg = self.config
-        types = _question_types(cfg.question_types)
+        types = read_question_types(cfg.question_types)
         tokenizer = model.decoder.tokenizer
         items: list[dict[str, Any]] = []
         answers: list[str] = []
         for alias in cfg.data:
-            dataset, template = context.datasets[alias], context.templates.get(alias)
-            prompts: list[Sample] = []
-            n = len(dataset) if cfg.limit is None else min(cfg.limit, len(dataset))
-            for index in range(n):
-                record = dataset[index]
-                if isinstance(record, Sample):
-                    sample, question, reference = record, None, None
-                else:
-                    if template is None:
-                        raise VlmkitError(f"data.{alias}.template: the instructions evaluator needs the chat template of '{alias}'")
-                    sample = template.render(record, tokenizer)
-                    question, reference = _question_and_answer(record)
-                prompt, target = split_prompt(sample)
-                if reference is None:
-                    reference = target
-                if types is not None and sample.id not in types:
-                    raise VlmkitError(f"eval: question_types: '{cfg.question_types}' has no type for record '{sample.id}' of data.{alias}")
-                items.append({"id": sample.id, "data": alias, "type": types[sample.id] if types is not None else alias,
-                              "question": question, "reference": reference})
-                prompts.append(prompt)
-            answers += generate(model, prompts, template, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+            questions = held_out_questions(context, alias, tokenizer, types=types, types_file=cfg.question_types,
+                                           limit=cfg.limit, evaluator="instructions")
+            items += [q.item for q in questions]
+            answers += generate(model, [q.prompt for q in questions], context.templates.get(alias),
+                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                                 progress=context.progress, desc=f"{context.label}: {alias}")
         for item, answer in zip(items, answers):
             item["prediction"] = answer

@@ -108,9 +108,16 @@ def _cell(text: Any) -> str:
 
 
 def comparison(before: list[EvalResult], after: list[EvalResult], labels: tuple[str, str] = ("before", "after")) -> str:
-    """Markdown: each evaluator's table before/after, then its example questions with both answers."""
+    """Markdown: each evaluator's table before/after, then its example questions with both answers.
+    Results are paired by name (the order of ``before`` may be another, e.g. read back from files);
+    a result without a partner is shown alone."""
     parts = []
-    for b, a in zip(before, after):
+    earlier = {b.name: b for b in before}
+    for a in after:
+        b = earlier.get(a.name)
+        if b is None:
+            parts.append(table([a], [labels[1]]))
+            continue
         parts.append(table([b, a], list(labels)))
         if a.examples:
             parts.append(examples_table([a, b], [labels[1], labels[0]]))
