@@ -373,15 +373,19 @@ class VlmkitTrainer:
     (:func:`vlmkit.core.tuning.apply_tuning`), its parameter groups and AdamW, frozen components in
     eval mode, and the engine's own step (``Engine._step``: forward, token-level cross-entropy,
     backward, gradient clipping at the stage's ``max_grad_norm``, optimizer step), then the
-    scheduler step and ``zero_grad(set_to_none=True)``."""
+    scheduler step and ``zero_grad(set_to_none=True)``.
 
-    def __init__(self, model: Any, resolved: Any, stage_index: int = 0):
+    The recipe's ``run.cache_features`` and ``run.length_groups`` apply as in the engine (batches
+    then need the collator's ``frame_keys``); ``new_token_rows=False`` trains ``embeddings:
+    new_tokens`` as whole tables with a masked gradient (how vlmkit did before the row parameters)."""
+
+    def __init__(self, model: Any, resolved: Any, stage_index: int = 0, new_token_rows: bool = True):
         from vlmkit.core.engine.optim import build_optimizer, build_scheduler, param_groups
         from vlmkit.core.engine.trainer import Engine
-        from vlmkit.core.tuning import apply_tuning
+        from vlmkit.core.tuning import apply_tuning, new_token_rows as rows_of
 
         self.stage = resolved.recipe.stages[stage_index]
-        report = apply_tuning(model, self.stage.tune, f"stages.{stage_index}")
+        report = apply_tuning(model, self.stage.tune, f"stages.{stage_index}", new_token_rows=new_token_rows)
         groups = param_groups(model, self.stage)
         self.trainable = [p for g in groups for p in g["params"]]
         self._tmp = tempfile.TemporaryDirectory(prefix="vlmkit-bench-run-")
@@ -389,11 +393,20 @@ class VlmkitTrainer:
         optimizer = build_optimizer(groups, self.stage)
         self.scheduler = build_scheduler(optimizer, self.stage, 10**6)
         self.model, self.optimizer = self.engine.accelerator.prepare(model, optimizer)
+        rows = rows_of(model.decoder)
+        if rows is not None:
+            rows.rebind()  # as the engine does after prepare
         model.train()
         for comp, counts in report.items():
             if comp in model.component_names and counts["trainable"] == 0:
                 getattr(model, comp).eval()
+        self.engine.prepare_speed(model, self.stage, report)
         self.counts = report
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of the optimizer's tensors (AdamW's moments) after at least one step."""
+        return sum(v.numel() * v.element_size() for state in self.optimizer.state.values()
+                   for v in state.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
 
     def step(self, batch: dict[str, Any]) -> float:
         loss, _ = self.engine._step(self.model, self.stage, [batch], 0, None, self.optimizer, self.trainable)

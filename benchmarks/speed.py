@@ -1,6 +1,6 @@
 """Speed benchmarks of vlmkit against reference implementations, on this machine.
 
-Five comparisons, each a ratio measured in one process on the same inputs (the two sides' steps
+Six comparisons, each a ratio measured in one process on the same inputs (the two sides' steps
 interleaved, each figure the median of ``--reps`` timed repetitions after ``--warmup``):
 
 1. ``flamingo``: a Flamingo-style training step (encoder frozen; perceiver and gated
@@ -18,6 +18,12 @@ interleaved, each figure the median of ``--reps`` timed repetitions after ``--wa
    training step's samples/s (from 1).
 5. ``mfu``: FLOPs of a training step (``torch.utils.flop_counter.FlopCounterMode``) over its time,
    against this machine's measured fp32 matmul rate.
+6. ``throughput``: the ``otter_mimicit`` demo's own training step (its stages' tune modes, real demo
+   batches of both stages in data order) in trained tokens/s, with the engine's speed switches on
+   (as the demo profile sets them: feature cache, length groups, new-token row parameters) against
+   all of them off (features encoded at every step, whole micro-batches, whole embedding tables
+   with a masked gradient), and with the switches on but the cache emptied before every step.
+   Demo scale only.
 
 The scales: ``tiny`` (a 4-layer Llama of width 256 with random weights, 2 images per sample of 49
 encoder tokens each, batch 4, 256 text tokens) and ``demo`` (the shipped recipes' demo models:
@@ -49,11 +55,12 @@ sys.path.insert(0, str(HERE))
 
 import bench_common as bc  # noqa: E402
 
-COMPARISONS = ("flamingo", "prefix", "generation", "data", "mfu")
+COMPARISONS = ("flamingo", "prefix", "generation", "data", "mfu", "throughput")
 GEN_NEW_TOKENS = 32
 GEN_TEXT_TOKENS = 64  # text tokens of a generation prompt (besides its 2 images)
 GEN_BATCHES = (1, 4)
 DATA_BATCHES_PER_REP = 16  # micro-batches (of the stage's batch size) pulled per timed repetition
+THROUGHPUT_BATCHES = {"align": 2, "instruct": 3}  # demo batches per timed repetition, first of each stage
 
 TARGETS = {
     "train_speed": 1.2,  # vlmkit Flamingo step >= 1.2x OpenFlamingo's steps/s
@@ -392,7 +399,110 @@ def child_matmul(spec: dict[str, Any]) -> dict[str, Any]:
     return bc.matmul_peak_gflops(spec["reps"], spec["warmup"])
 
 
-CHILDREN = {"train": child_train, "generation": child_generation, "data": child_data, "matmul": child_matmul}
+def _throughput_recipe(on: bool) -> Any:
+    """The shipped ``otter_mimicit`` demo profile (no evaluation), with the speed switches as
+    shipped (``on``) or all off."""
+    mapping = bc.shipped_mapping("otter_mimicit")
+    mapping["name"] = f"bench_throughput_{'on' if on else 'off'}"
+    mapping.pop("eval", None)
+    for profile in mapping.get("profiles", {}).values():
+        if isinstance(profile, dict):
+            profile.pop("eval", None)
+    run = mapping.setdefault("run", {})
+    run["eval_before"] = False
+    if not on:
+        run.update(cache_features=False, length_groups=1)
+    return bc.load(mapping, "demo")
+
+
+def child_throughput(spec: dict[str, Any]) -> dict[str, Any]:
+    """The otter demo's training step before and after the engine's speed work, in one process:
+    ``off`` (no feature cache, whole micro-batches, ``new_tokens`` as whole tables with a masked
+    gradient), ``on`` (the demo profile's switches and the row parameters; the cache warm: every
+    image of the timed batches was encoded in the warm-up, as after the demo's first epoch) and
+    ``on_cold`` (the same model and switches, the cache emptied before every step). Each side runs
+    the first ``THROUGHPUT_BATCHES`` micro-batches of the demo's stages in their data order; both
+    stages train the same parts, so one model per side takes both."""
+    import copy
+
+    import torch
+    from torch.utils.data import ConcatDataset
+
+    from vlmkit.core.compose import IMAGE_TOKEN
+    from vlmkit.core.data.collate import IGNORE, Collator, split_by_length
+    from vlmkit.core.data.rendered import RenderedDataset
+    from vlmkit.core.engine.sampler import StageBatchSampler, mix_options
+    from vlmkit.core.registry import get_registry
+
+    build_start = time.perf_counter()
+    resolved = {"off": _throughput_recipe(False), "on": _throughput_recipe(True)}
+    stages = resolved["on"].recipe.stages
+    tunes = {s.tune.model_dump_json() for s in stages}
+    if len(tunes) != 1:
+        raise SystemExit("throughput: the otter demo's stages train different parts; the benchmark needs one model per stage")
+    model_off = bc.build(resolved["off"])
+    model_on = copy.deepcopy(model_off)  # the same weights, without reading the GGUF file twice
+    registry = get_registry()
+    batches: list[dict[str, Any]] = []
+    for index, stage in enumerate(stages):
+        parts = [RenderedDataset(registry.component_class("dataset", resolved["on"].datasets[a].name)(resolved["on"].datasets[a].config),
+                                 model_on.templates.get(a), model_on.decoder.tokenizer, a) for a in stage.data]
+        sampler = StageBatchSampler([len(p) for p in parts], stage.batch_size, seed=resolved["on"].recipe.seed,
+                                    stage_index=index, **mix_options(stage, resolved["on"].recipe.data),
+                                    names=list(stage.data))
+        collator = Collator(tokenizer=model_on.decoder.tokenizer, preprocess=model_on.encoder.preprocess,
+                            image_token=IMAGE_TOKEN, placeholder_tokens=model_on.placeholder_tokens,
+                            max_length=stage.max_length, frame_keys=True)
+        data = ConcatDataset(parts)
+        order = iter(sampler)
+        batches += [collator([data[i] for i in next(order)]) for _ in range(THROUGHPUT_BATCHES.get(stage.name, 0))]
+    batches = [bc.to_device(b) for b in batches]
+    trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+    stage_index = 1  # instruct: the longer stage (its schedule; both stages train the same parts)
+    trainers = {
+        "off": bc.VlmkitTrainer(model_off, resolved["off"], stage_index, new_token_rows=False),
+        "on": bc.VlmkitTrainer(model_on, resolved["on"], stage_index, new_token_rows=True),
+    }
+    cache = trainers["on"].engine.feature_cache
+
+    def steps(name: str, cold: bool = False) -> Any:
+        def rep() -> float:
+            loss = 0.0
+            for b in batches:
+                if cold:
+                    cache.clear()
+                loss = trainers[name].step(b)
+            return loss
+        return rep
+
+    info: dict[str, Any] = {
+        "batches": {s.name: THROUGHPUT_BATCHES.get(s.name, 0) for s in stages}, "batch_size": [s.batch_size for s in stages],
+        "trained_tokens_per_rep": trained, "positions_per_rep": sum(b["input_ids"].numel() for b in batches),
+        "positions_split_per_rep": sum(part["input_ids"].numel() for b in batches
+                                       for part in split_by_length(b, resolved["on"].recipe.run.length_groups)),
+        "real_tokens_per_rep": sum(int(b["attention_mask"].sum()) for b in batches),
+        "frames_per_rep": sum(len(b["frame_keys"]) for b in batches),
+        "distinct_frames": len({k for b in batches for k in b["frame_keys"]}),
+        "switches_on": {"cache_features": resolved["on"].recipe.run.cache_features,
+                        "length_groups": resolved["on"].recipe.run.length_groups, "new_token_rows": True},
+        "build_seconds": time.perf_counter() - build_start,
+    }
+    engine_on = trainers["on"].engine
+    passes_before = engine_on._passes
+    times, losses = bc.time_interleaved({"off": steps("off"), "on": steps("on"), "on_cold": steps("on", cold=True)},
+                                        spec["reps"], max(1, spec["warmup"]))
+    info["seconds"] = times
+    info["loss"] = {k: float(v[-1]) for k, v in losses.items()}
+    runs = (spec["reps"] + max(1, spec["warmup"])) * 2  # on and on_cold step the same trainer
+    info["passes_per_batch"] = (engine_on._passes - passes_before) / (runs * len(batches))
+    info["feature_cache"] = cache.stats() if cache is not None else None
+    info["optimizer_state_bytes"] = {k: t.optimizer_state_bytes() for k, t in trainers.items()}
+    info["threads"] = torch.get_num_threads()
+    return info
+
+
+CHILDREN = {"train": child_train, "generation": child_generation, "data": child_data, "matmul": child_matmul,
+            "throughput": child_throughput}
 
 
 def run_child_main(spec_text: str, out_path: str) -> None:
@@ -545,6 +655,32 @@ def bench_mfu(run: Runner, scales: list[str]) -> dict[str, Any]:
     return {"rows": rows, "raw": raw}
 
 
+def bench_throughput(run: Runner) -> dict[str, Any]:
+    """Comparison 6: the otter demo step with the engine's speed switches on vs off."""
+    result = run("throughput: otter demo step, speed switches on vs off", kind="throughput")
+    tokens = result["trained_tokens_per_rep"]
+    n = sum(result["batches"].values())
+    rate = {side: tokens / bc.median(result["seconds"][side]) for side in ("off", "on", "on_cold")}
+    steps = {side: n / bc.median(result["seconds"][side]) for side in ("off", "on", "on_cold")}
+    mib = {k: v / 2**20 for k, v in result["optimizer_state_bytes"].items()}
+    rows = [
+        {"scale": "demo", "metric": "trained tokens/s, switches on (cache warm) vs off", "vlmkit": rate["on"],
+         "reference": rate["off"], "ratio": _ratio(rate["on"], rate["off"]), "target": None, "met": None},
+        {"scale": "demo", "metric": "trained tokens/s, switches on with the cache emptied before every step vs off",
+         "vlmkit": rate["on_cold"], "reference": rate["off"], "ratio": _ratio(rate["on_cold"], rate["off"]),
+         "target": None, "met": None},
+        {"scale": "demo", "metric": "steps/s (batches of 8), switches on (cache warm) vs off", "vlmkit": steps["on"],
+         "reference": steps["off"], "ratio": _ratio(steps["on"], steps["off"]), "target": None, "met": None},
+        {"scale": "demo", "metric": "AdamW state of the trained parameters (MiB)", "vlmkit": mib["on"],
+         "reference": mib["off"], "ratio": _ratio(mib["on"], mib["off"]), "target": None, "met": None},
+        {"scale": "demo", "metric": f"token positions per repetition ({result['real_tokens_per_rep']} real, the rest "
+         "padding), length groups vs whole micro-batches", "vlmkit": float(result["positions_split_per_rep"]),
+         "reference": float(result["positions_per_rep"]),
+         "ratio": _ratio(result["positions_split_per_rep"], result["positions_per_rep"]), "target": None, "met": None},
+    ]
+    return {"rows": rows, "raw": result}
+
+
 # ==================================================================================== report
 TITLES = {
     "flamingo": ("1. Flamingo-style training step: vlmkit vs OpenFlamingo 2.0.1 `Flamingo`", "OpenFlamingo"),
@@ -552,6 +688,7 @@ TITLES = {
     "generation": ("3. Cached greedy generation: vlmkit fusions vs the bare decoder's `generate`", "bare decoder"),
     "data": ("4. Data pipeline: otter_mimicit demo data vs the otter training step", "training step"),
     "mfu": ("5. Model FLOP utilisation: training steps vs this machine's fp32 matmul rate", "matmul peak"),
+    "throughput": ("6. The otter demo step: the engine's speed switches on vs off", "switches off"),
 }
 
 NOTES = {
@@ -588,6 +725,15 @@ NOTES = {
         "FLOPs of one training step counted by `torch.utils.flop_counter.FlopCounterMode` (forward and backward "
         "matmuls, convolutions and attention) times the measured steps/s, against the median GFLOP/s of 2048 x 2048 "
         "fp32 `torch.matmul`. The steps are those of comparisons 1 and 2 (prefix at demo scale: the `llava` demo model)."
+    ),
+    "throughput": (
+        "The `otter_mimicit` demo model and tune modes (perceiver, cross-attention and the new tokens' embedding rows "
+        f"train), on real demo batches: the first {' and '.join(f'{n} of stage {s}' for s, n in THROUGHPUT_BATCHES.items())} "
+        "(batch 8, data order) per repetition; trained tokens are the answer tokens the loss covers. *On*: "
+        "`run.cache_features` and `run.length_groups` as the demo profile sets them, and `embeddings: new_tokens` as row "
+        "parameters; the cache is warm (the warm-up encoded every image of the timed batches, as after the demo's first "
+        "epoch). *Off*: every image encoded at every step, whole micro-batches, the whole embedding table trainable with a "
+        "masked gradient (vlmkit before these switches). *Cache emptied*: on, but every image encoded again at every step."
     ),
 }
 
@@ -686,6 +832,8 @@ def main(argv: list[str] | None = None) -> None:
         section("data", lambda: bench_data(run, scales))
     if "mfu" in only:
         section("mfu", lambda: bench_mfu(run, scales))
+    if "throughput" in only and "demo" in scales:
+        section("throughput", lambda: bench_throughput(run))
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')} in {time.perf_counter() - start:.0f} s")
 
 

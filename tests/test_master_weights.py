@@ -24,7 +24,7 @@ from vlmkit.core.engine.state import checkpoint_dirs
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.recipe.loader import load_recipe
 from vlmkit.core.recipe.schema import StageTune
-from vlmkit.core.tuning import apply_tuning, embedding_tables, upcast_trainable_to_fp32
+from vlmkit.core.tuning import apply_tuning, embedding_tables, new_token_rows, upcast_trainable_to_fp32
 
 FROZEN = {"encoder": "frozen", "connector": "frozen", "fusion": "frozen", "decoder": "frozen"}
 LORA = {"mode": "lora", "lora": {"r": 4, "alpha": 8}}
@@ -59,9 +59,15 @@ def _batches(model):
 
 
 def _assert_master_weights(model, frozen_bf16: bool = True):
-    """Every trainable parameter is fp32; (``frozen_bf16``) every frozen decoder parameter is still bf16."""
+    """Every trainable parameter is fp32; (``frozen_bf16``) every frozen decoder parameter is still
+    bf16, except tables whose added rows train (``new_tokens``: the row parameters are views of
+    the tables, which hold the fp32 master rows)."""
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    frozen_dec = {n: p for n, p in model.decoder.named_parameters() if not p.requires_grad}
+    rows = new_token_rows(model.decoder)
+    tables = list(rows.tables()) if rows is not None else []
+    assert all(t.dtype == torch.float32 for t in tables)
+    frozen_dec = {n: p for n, p in model.decoder.named_parameters()
+                  if not p.requires_grad and not any(p is t for t in tables)}
     assert trainable
     wrong = [f"{n}: {p.dtype}" for n, p in trainable.items() if p.dtype != torch.float32]
     assert not wrong, f"trainable parameters not in fp32: {wrong[:5]}"
@@ -79,7 +85,8 @@ def _assert_master_weights(model, frozen_bf16: bool = True):
         ({"decoder": {"mode": "partial", "last_layers": 1}}, lambda n: ".layers.1." in n),
         ({"decoder": LORA}, lambda n: "lora_" in n),
         ({"embeddings": "all"}, lambda n: "embed_tokens" in n or "lm_head" in n),
-        ({"embeddings": "new_tokens", "connector": "full"}, lambda n: "embed_tokens" in n or "lm_head" in n),
+        # the added tokens' rows train as row parameters (views of the frozen, fp32 tables)
+        ({"embeddings": "new_tokens", "connector": "full"}, lambda n: n.startswith("new_token_rows.")),
         ({"decoder": LORA, "embeddings": "all"}, lambda n: "lora_" in n or "embed_tokens" in n or "lm_head" in n),
     ],
     ids=["full", "partial", "lora", "embeddings_all", "embeddings_new_tokens", "lora_and_embeddings"],

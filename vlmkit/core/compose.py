@@ -48,14 +48,32 @@ class VisionLanguageModel(nn.Module):
         """``<image>`` tokens the text carries for one image."""
         return self.fusion.placeholder_tokens(self.tokens_per_image(num_frames))
 
-    def encode_media(self, vision_x: torch.Tensor, media_mask: torch.Tensor) -> torch.Tensor:
+    def encode_media(
+        self,
+        vision_x: torch.Tensor,
+        media_mask: torch.Tensor,
+        feature_cache: Any = None,
+        frame_keys: list[str] | None = None,
+    ) -> torch.Tensor:
         """``vision_x (B, T_img, F, C, H, W)``, ``media_mask (B, T_img)`` -> ``(B, T_img, Q, d)``;
-        padded images are not encoded and stay zero."""
+        padded images are not encoded and stay zero.
+
+        ``feature_cache`` (a :class:`~vlmkit.core.engine.features.FeatureCache`) with
+        ``frame_keys`` (one key per real frame, in ``vision_x[media_mask]`` order, as the collator
+        writes them with ``frame_keys=True``): the encoder's features come from the cache where it
+        holds them. Used only while the encoder is frozen and in eval mode; otherwise every frame
+        is encoded (and counted as bypassed)."""
         B, T, F = vision_x.shape[:3]
         real = vision_x[media_mask]  # (N, F, C, H, W)
+        frames = real.flatten(0, 1)  # (N*F, C, H, W)
         encoder_trains = any(p.requires_grad for p in self.encoder.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
-            feats = self.encoder(real.flatten(0, 1))  # (N*F, tokens, w)
+        if feature_cache is not None and frame_keys is not None and not encoder_trains and not self.encoder.training:
+            feats = feature_cache.encode(self.encoder, frames, frame_keys)  # (N*F, tokens, w)
+        else:
+            if feature_cache is not None:
+                feature_cache.bypassed += frames.shape[0]
+            with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
+                feats = self.encoder(frames)  # (N*F, tokens, w)
         feats = feats.reshape(real.shape[0], F * feats.shape[1], feats.shape[2])  # (N, F*tokens, w)
         positions = torch.arange(T, device=media_mask.device).expand(B, T)[media_mask]  # (N,) image index in sample
         tokens = self.connector(feats, num_frames=F, media_positions=positions)  # (N, Q, d)
@@ -78,10 +96,14 @@ class VisionLanguageModel(nn.Module):
         vision_x: torch.Tensor,
         media_mask: torch.Tensor,
         labels: torch.Tensor | None = None,
+        feature_cache: Any = None,
+        frame_keys: list[str] | None = None,
         **decoder_kwargs: Any,
     ) -> Any:
+        """``feature_cache``, ``frame_keys``: the frozen encoder's cached features (see
+        :meth:`encode_media`); the engine passes them with ``run.cache_features``."""
         with self._autocast(input_ids.device):
-            media = self.encode_media(vision_x, media_mask)
+            media = self.encode_media(vision_x, media_mask, feature_cache, frame_keys)
             return self.fusion(self.decoder, input_ids, attention_mask, media, media_mask, labels=labels, **decoder_kwargs)
 
     @torch.no_grad()

@@ -20,10 +20,16 @@ special token); it is then repeated to the image's placeholder count. The offset
 Truncation to ``max_length`` never cuts through an image's tokens or an answer: it drops whole
 in-context examples (``Sample.units``) from the front; a sample whose query alone is too long is
 left out of the batch. Both are counted in :attr:`Collator.stats`.
+
+``frame_keys=True`` adds each image frame's content hash (:func:`frame_key`) to the batch, the key
+of the engine's feature cache (``run.cache_features``). :func:`split_by_length` cuts a right-padded
+batch into passes over samples of similar length (``run.length_groups``), so fewer padded
+positions run through the model; the per-token loss is unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable
 from itertools import accumulate
@@ -56,6 +62,16 @@ def _frames(image: Any) -> list[Any]:
     return list(image) if isinstance(image, (list, tuple)) else [image]
 
 
+def frame_key(pixels: torch.Tensor) -> str:
+    """The content hash of a preprocessed frame ``(3, S, S)``: BLAKE2b of its shape, dtype and
+    bytes. Equal keys mean equal encoder inputs, whatever file, dataset or sample the image came
+    from; any change of the image or of its preprocessing (size, resampling, mean, std) changes it."""
+    value = pixels.detach().to("cpu").contiguous()
+    digest = hashlib.blake2b(f"{tuple(value.shape)}:{value.dtype};".encode(), digest_size=16)
+    digest.update(value.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 @dataclass
 class Collator:
     """``list[Sample]`` -> a batch dict.
@@ -85,6 +101,7 @@ class Collator:
     stats: Counter = field(default_factory=Counter)  # dropped_examples, truncated_samples, dropped_samples
     dropped_ids: list[str] = field(default_factory=list)  # the first samples left out for length
     prompts: bool = False
+    frame_keys: bool = False  # add "frame_keys": one content hash per real frame (the feature cache's keys)
 
     def __post_init__(self) -> None:
         self.image_token_id = int(self.tokenizer.convert_tokens_to_ids(self.image_token))
@@ -228,12 +245,16 @@ class Collator:
         size = self.preprocess.image_size
         vision_x = torch.zeros((B, t_img, F, 3, size, size))
         media_mask = torch.zeros((B, t_img), dtype=torch.bool)
+        keys: list[str] = []
         for b, s in enumerate(samples):
             for t, image in enumerate(s.images):
                 for f, frame in enumerate(_frames(image)):
-                    vision_x[b, t, f] = image_to_tensor(frame, self.preprocess)
+                    pixels = image_to_tensor(frame, self.preprocess)
+                    vision_x[b, t, f] = pixels
+                    if self.frame_keys:
+                        keys.append(frame_key(pixels))
                 media_mask[b, t] = True
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention,
             "labels": labels,
@@ -241,3 +262,80 @@ class Collator:
             "media_mask": media_mask,
             "ids": [s.id for s in samples],
         }
+        if self.frame_keys:
+            batch["frame_keys"] = keys  # in vision_x[media_mask].flatten(0, 1) order
+        return batch
+
+
+# ------------------------------------------------------------------------------ length groups
+def length_groups(lengths: list[int], max_groups: int, min_saving: float = 0.05) -> list[list[int]]:
+    """Sample indices in at most ``max_groups`` groups of similar length: sorted by length and
+    cut where the padded positions (each group padded to its longest sample) are fewest. A group
+    is only added where it saves at least ``min_saving`` of the whole batch's padded positions
+    (``len(lengths) * max(lengths)``), since every group is another pass through the model."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    ordered = [lengths[i] for i in order]
+    n = len(ordered)
+    threshold = min_saving * n * (max(ordered) if ordered else 0)
+    # best[g][j]: fewest positions covering the first j sorted samples in g groups; a group
+    # (i, j] costs (j - i) * ordered[j - 1], its longest sample's length
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0
+    for g in range(1, max_groups + 1):
+        for j in range(1, n + 1):
+            for i in range(g - 1, j):
+                cost = best[g - 1][i] + (j - i) * ordered[j - 1]
+                if cost < best[g][j]:
+                    best[g][j], cut[g][j] = cost, i
+    groups = 1
+    for g in range(2, max_groups + 1):  # another pass only where it saves enough
+        if best[groups][n] - best[g][n] >= threshold * (g - groups) and best[g][n] < best[groups][n]:
+            groups = g
+    bounds, j = [], n
+    for g in range(groups, 0, -1):
+        i = cut[g][j]
+        bounds.append((i, j))
+        j = i
+    return [[order[k] for k in range(i, j)] for i, j in reversed(bounds)]
+
+
+def split_by_length(batch: dict[str, Any], max_groups: int, min_saving: float = 0.05) -> list[dict[str, Any]]:
+    """A right-padded training batch as at most ``max_groups`` batches of samples of similar
+    length (:func:`length_groups`), each cut to its own longest sample and its own image count.
+
+    Each sample keeps its tokens, labels, attention mask, images and frame keys; only padding is
+    dropped. Summing the token losses over the parts gives the batch's sum (the engine divides by
+    the global count of trained tokens either way), so a step's loss and gradients are the same
+    as for the whole batch, up to the order of floating-point sums."""
+    mask = batch["attention_mask"]
+    if max_groups <= 1 or mask.shape[0] < 2:
+        return [batch]
+    if bool(mask[:, 0].eq(0).any()):
+        raise ValueError("split_by_length needs right padding (every sample's tokens first)")
+    lengths = [int(n) for n in mask.sum(1)]
+    groups = length_groups(lengths, max_groups, min_saving)
+    if len(groups) == 1:
+        return [batch]
+    media_mask = batch["media_mask"]
+    frames = batch["vision_x"].shape[2]
+    per_sample = [int(n) * frames for n in media_mask.sum(1)]
+    starts = [0, *accumulate(per_sample)]
+    parts = []
+    for rows in groups:
+        index = torch.tensor(rows, dtype=torch.long)
+        length = max(lengths[r] for r in rows)
+        t_img = max(1, max(int(media_mask[r].sum()) for r in rows))
+        part = {
+            "input_ids": batch["input_ids"][index, :length],
+            "attention_mask": mask[index, :length],
+            "labels": batch["labels"][index, :length],
+            "vision_x": batch["vision_x"][index, :t_img],
+            "media_mask": media_mask[index, :t_img],
+            "ids": [batch["ids"][r] for r in rows],
+        }
+        if "frame_keys" in batch:
+            part["frame_keys"] = [k for r in rows for k in batch["frame_keys"][starts[r] : starts[r + 1]]]
+        parts.append(part)
+    return parts

@@ -8,10 +8,11 @@ from typing import Any
 import torch
 
 from vlmkit.core.recipe.schema import StageSpec
-from vlmkit.core.tuning import embedding_tables
+from vlmkit.core.tuning import embedding_tables, new_token_rows
 
-#: parameter-name fragments that never get weight decay (besides every 1-d parameter and the
-#: embedding tables): norms, biases, the tanh gates of cross-attention, embeddings
+#: parameter-name fragments that never get weight decay (besides every 1-d parameter, the
+#: embedding tables and the added tokens' rows): norms, biases, the tanh gates of cross-attention,
+#: embeddings
 NO_DECAY_HINTS = ("norm", "bias", "gate", "embed")
 
 
@@ -20,6 +21,9 @@ def param_groups(model: Any, stage: StageSpec) -> list[dict[str, Any]]:
     (``lr_per_component`` or the stage's ``lr``); weight decay only where it belongs."""
     groups = []
     tables = {id(t) for t in embedding_tables(model.decoder)}
+    rows = new_token_rows(model.decoder)
+    if rows is not None:
+        tables |= {id(p) for params in rows.tables().values() for p in params}
     for comp in model.component_names:
         lr = stage.lr_per_component.get(comp, stage.lr)
         decay, no_decay = [], []

@@ -13,6 +13,13 @@ trains are fp32 master weights (:func:`vlmkit.core.tuning.upcast_trainable_to_fp
 applying the stage's tune modes), so AdamW updates fp32 values; frozen weights keep their dtype. A
 model holding both (a decoder loaded in bf16 with trained layers, LoRA adapters or embeddings) needs
 autocast: a stage with ``precision: fp32`` on it is refused with the knob to set.
+
+Speed (none of these changes what a step computes, up to the order of floating-point sums):
+``run.cache_features`` serves a frozen encoder's features from an in-memory cache keyed by the
+frames' pixel content (:mod:`vlmkit.core.engine.features`); ``run.length_groups`` runs each
+micro-batch as passes over samples of similar length (:func:`vlmkit.core.data.collate.split_by_length`);
+``tune.embeddings: new_tokens`` trains row parameters of the added tokens only
+(:class:`vlmkit.core.tuning.NewTokenRows`).
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ from torch.utils.data import ConcatDataset, DataLoader
 from tqdm.auto import tqdm
 
 from vlmkit.core.compose import IMAGE_TOKEN, VisionLanguageModel, build_model
-from vlmkit.core.data.collate import IGNORE, Collator
+from vlmkit.core.data.collate import IGNORE, Collator, split_by_length
 from vlmkit.core.data.rendered import RenderedDataset
+from vlmkit.core.engine.features import FeatureCache, describe, encoder_fingerprint
 from vlmkit.core.engine.optim import build_optimizer, build_scheduler, param_groups, total_steps
 from vlmkit.core.engine.sampler import StageBatchSampler, mix_options
 from vlmkit.core.engine.state import (
@@ -46,7 +54,13 @@ from vlmkit.core.errors import VlmkitError
 from vlmkit.core.recipe.loader import ResolvedRecipe
 from vlmkit.core.recipe.preflight import check_init_from_files
 from vlmkit.core.recipe.schema import StageSpec
-from vlmkit.core.tuning import apply_tuning
+from vlmkit.core.tuning import (
+    apply_tuning,
+    fit_row_moments,
+    new_token_rows,
+    release_new_token_rows,
+    trained_names,
+)
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -63,6 +77,11 @@ class StageResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     checkpoint: Path | None = None
+    #: run.cache_features: this stage's hits, misses, evictions, bypassed frames and the size held
+    #: (None: no cache, or the encoder trained in this stage)
+    feature_cache: dict[str, Any] | None = None
+    #: forward/backward passes per micro-batch on average (> 1 with run.length_groups)
+    passes_per_batch: float = 1.0
 
 
 @dataclass
@@ -115,6 +134,12 @@ class Engine:
         self.trained: set[str] = set()  # parameter names trained so far in the run
         self.log = None
         self._logits_to_keep: bool | None = None  # the decoder projects only the kept positions
+        run_spec = self.recipe.run
+        #: the frozen encoder's features, by frame content (run.cache_features); lives for the run
+        self.feature_cache = FeatureCache(run_spec.feature_cache_mib * 2**20) if run_spec.cache_features else None
+        self._use_cache = False  # the current stage passes the cache (its encoder is frozen)
+        self._length_groups = 1  # the current stage's run.length_groups (1: whole micro-batches)
+        self._passes = 0  # forward/backward passes of the current stage
 
     # ------------------------------------------------------------------ the run
     def run(self, resume: bool | None) -> RunResult:
@@ -175,6 +200,7 @@ class Engine:
                     tqdm.write(f"stage {stages[k].name}: skipped (enabled: false)")
                 continue
             results.append(self._stage(model, k, mid_stage if k == start else None))
+        release_new_token_rows(model.decoder)  # the tables hold the trained rows
         if self.recipe.eval:
             evaluations["after"] = self._evaluate(model, "after", reuse=complete_before)
         export = None
@@ -219,8 +245,8 @@ class Engine:
         for k in range(t.stage_index + 1):
             if not self.recipe.stages[k].enabled:
                 continue
-            apply_tuning(model, self.recipe.stages[k].tune, f"stages.{k}")
-            self.trained |= {n for n, p in model.named_parameters() if p.requires_grad}
+            apply_tuning(model, self.recipe.stages[k].tune, f"stages.{k}", new_token_rows=not self._sharded())
+            self.trained |= trained_names(model)
         params = dict(model.named_parameters())
         unknown = sorted(set(state.weights) - set(params))
         if unknown:
@@ -244,8 +270,9 @@ class Engine:
         label = f"stages.{k}"
         if stage.init_from is not None and state is None:
             self._init_from(model, stage, label)
-        report = apply_tuning(model, stage.tune, label)  # trainable parameters now fp32 master weights
-        self.trained |= {n for n, p in model.named_parameters() if p.requires_grad}
+        # trainable parameters now fp32 master weights; new_tokens: row parameters of the added tokens
+        report = apply_tuning(model, stage.tune, label, new_token_rows=not self._sharded())
+        self.trained |= trained_names(model)
         self._check_precision(model, stage, label)
         groups = param_groups(model, stage)
         if not groups:
@@ -260,12 +287,14 @@ class Engine:
             **mix_options(stage, self.recipe.data), rank=acc.process_index, world_size=acc.num_processes,
             start=consumed, where=label, names=list(stage.data),
         )
+        self.prepare_speed(model, stage, report)
         collator = Collator(
             tokenizer=model.decoder.tokenizer,
             preprocess=model.encoder.preprocess,
             image_token=IMAGE_TOKEN,
             placeholder_tokens=model.placeholder_tokens,
             max_length=stage.max_length,
+            frame_keys=self._use_cache,
         )
         total = total_steps(stage, sampler.batches_per_epoch)
         scheduler = build_scheduler(optimizer, stage, total)
@@ -275,6 +304,7 @@ class Engine:
         if state is not None:
             if state.optimizer is not None:
                 optimizer.load_state_dict(state.optimizer)
+                fit_row_moments(model, optimizer)  # a checkpoint whose new_tokens moments were table-sized
             elif self.main:
                 tqdm.write(f"warning: {state.path} holds no optimizer state (sharded training); AdamW's moments restart")
             scheduler.load_state_dict(state.scheduler)
@@ -284,6 +314,9 @@ class Engine:
             losses = list(self.losses.get(stage.name, []))[:step]
             restore_rng(state.rng_tensors, state.rng_plain)
         wrapped, optimizer = acc.prepare(model, optimizer)
+        rows = new_token_rows(model.decoder)
+        if rows is not None:
+            rows.rebind()  # prepare may copy the model's tensors (to "cpu:0" on several CPU processes)
         self._wrapped = wrapped
         model.train()
         for comp, counts in report.items():  # frozen parts keep BatchNorm statistics, run no dropout
@@ -298,6 +331,8 @@ class Engine:
         bar = tqdm(total=total, initial=step, desc=f"stage {stage.name}", disable=not self.progress, dynamic_ncols=True)
         last_saved = step if state is not None else -1
         safe = (capture_rng(), consumed)  # generator states and data position after the last whole step
+        cache_before = self.feature_cache.stats() if self._use_cache else None
+        self._passes, batches_run = 0, 0
         try:
             while step < total:
                 t0 = time.perf_counter()
@@ -306,6 +341,7 @@ class Engine:
                     self._data_report(stage, parts, collator)  # an epoch ended
                 consumed += stage.grad_accum
                 loss_value, n_samples = self._step(wrapped, stage, micro, step, scaler, optimizer, trainable)
+                batches_run += len(micro)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -336,8 +372,66 @@ class Engine:
             raise RunInterrupted(f"interrupted at stage '{stage.name}' step {step}; run the same command again to resume") from None
         bar.close()
         self._data_report(stage, parts, collator)
+        cache = describe(cache_before, self.feature_cache.stats()) if cache_before is not None else None
+        passes = self._passes / batches_run if batches_run else 1.0
+        self._speed_report(stage, cache, passes)
         checkpoint = self._save(model, optimizer, scheduler, scaler, k, step, consumed, True)
-        return StageResult(stage.name, step, losses, checkpoint)
+        return StageResult(stage.name, step, losses, checkpoint, cache, passes)
+
+    def prepare_speed(self, model: VisionLanguageModel, stage: StageSpec, report: dict[str, dict[str, int]]) -> None:
+        """The stage's use of run.cache_features and run.length_groups (``report``: its tuning's
+        trainable counts per component); :meth:`_step` follows them."""
+        self._use_cache = self._cache_for_stage(model, stage, report)
+        self._length_groups = self._groups_for_stage(model, stage, report)
+
+    def _cache_for_stage(self, model: VisionLanguageModel, stage: StageSpec, report: dict[str, dict[str, int]]) -> bool:
+        """Whether this stage reads the encoder's features from the cache: with run.cache_features,
+        where the encoder is frozen. Binds the cache to the encoder's current weights (entries made
+        with other weights are dropped)."""
+        cache = self.feature_cache
+        if cache is None:
+            return False
+        if report["encoder"]["trainable"]:
+            cache.clear()  # its weights change from the first step on
+            if self.progress:
+                tqdm.write(f"stage {stage.name}: run.cache_features: the encoder trains in this stage, so its "
+                           "features are computed at every step (cache not used)")
+            return False
+        if cache.bind(encoder_fingerprint(model.encoder)) and self.progress:
+            tqdm.write(f"stage {stage.name}: the encoder's weights changed; the feature cache starts empty")
+        return True
+
+    def _groups_for_stage(self, model: VisionLanguageModel, stage: StageSpec, report: dict[str, dict[str, int]]) -> int:
+        """run.length_groups, unless a training component normalises over the batch (BatchNorm in
+        train mode), whose output would then depend on how the micro-batch is split."""
+        groups = self.recipe.run.length_groups
+        if groups <= 1:
+            return 1
+        batch_norm = [
+            comp for comp in model.component_names
+            if report[comp]["trainable"] and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                                 for m in getattr(model, comp).modules())
+        ]
+        if batch_norm:
+            if self.progress:
+                tqdm.write(f"stage {stage.name}: run.length_groups: {', '.join(batch_norm)} trains with batch "
+                           "normalisation, whose statistics depend on the batch; micro-batches run whole")
+            return 1
+        return groups
+
+    def _speed_report(self, stage: StageSpec, cache: dict[str, Any] | None, passes: float) -> None:
+        if not self.progress:
+            return
+        if cache is not None:
+            mib = 2**20
+            line = (f"stage {stage.name} features: cache {cache['hits']} hits, {cache['misses']} misses "
+                    f"({cache['hit_rate']:.0%} of frames served from memory); {cache['entries']} frames held, "
+                    f"{cache['bytes'] / mib:.1f} of {cache['limit_bytes'] / mib:.0f} MiB, {cache['evictions']} evicted")
+            if cache["bypassed"]:
+                line += f"; {cache['bypassed']} frames encoded without it (encoder not frozen or not in eval mode)"
+            tqdm.write(line)
+        if self._length_groups > 1:
+            tqdm.write(f"stage {stage.name}: run.length_groups {self._length_groups}: {passes:.2f} passes per micro-batch")
 
     @staticmethod
     def _check_precision(model: VisionLanguageModel, stage: StageSpec, label: str) -> None:
@@ -421,10 +515,15 @@ class Engine:
         if self._logits_to_keep is None:
             self._logits_to_keep = bool(acc.unwrap_model(wrapped).decoder.supports_logits_to_keep)
         only_trained = self._logits_to_keep
-        for i, batch in enumerate(micro):
+        # run.length_groups: each micro-batch as passes over samples of similar length (same sums)
+        passes = [part for batch in micro for part in split_by_length(batch, self._length_groups)]
+        self._passes += len(passes)
+        for i, batch in enumerate(passes):
             tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             labels = tensors.pop("labels")
-            sync = contextlib.nullcontext() if i == len(micro) - 1 or world == 1 else acc.no_sync(wrapped)
+            # run.cache_features: the frozen encoder's features by frame content, passed explicitly
+            features = {"feature_cache": self.feature_cache, "frame_keys": batch["frame_keys"]} if self._use_cache else {}
+            sync = contextlib.nullcontext() if i == len(passes) - 1 or world == 1 else acc.no_sync(wrapped)
             with sync:
                 if only_trained:
                     # project onto the vocabulary only the positions that predict a trained token
@@ -432,11 +531,11 @@ class Engine:
                     keep = F.pad(targets != IGNORE, (0, 1), value=False)  # (B, L): position t predicts t+1
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                         # (kept, vocab); no KV cache is built for a training forward
-                        logits = wrapped(**tensors, logits_to_keep=keep, use_cache=False).logits
+                        logits = wrapped(**tensors, **features, logits_to_keep=keep, use_cache=False).logits
                     ce = F.cross_entropy(logits.float(), targets[targets != IGNORE], reduction="sum")
                 else:
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        logits = wrapped(**tensors).logits
+                        logits = wrapped(**tensors, **features).logits
                     ce = F.cross_entropy(
                         logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                         ignore_index=IGNORE, reduction="sum",

@@ -242,6 +242,18 @@ class RunSpec(Strict):
     """Data-loading worker processes per training process."""
     eval_before: bool = False
     """Also run the recipe's ``eval`` list on the untrained model, and print before/after tables."""
+    cache_features: bool = False
+    """Compute a frozen encoder's features once per image and keep them in memory for the run:
+    keyed by a content hash of the preprocessed frame (and the autocast dtype), dropped when the
+    encoder's weights change, never used in a stage that trains the encoder. Results are the same
+    as without it; each stage reports its hits and misses."""
+    feature_cache_mib: PositiveInt = 1024
+    """The feature cache's size limit (MiB, on the device the features are computed on); the least
+    recently used features are dropped beyond it."""
+    length_groups: PositiveInt = 1
+    """Run each micro-batch as at most this many forward/backward passes over samples of similar
+    length (each padded to its own longest sample) where that saves padded positions; the loss per
+    trained token and the step are the same. 1: each micro-batch in one pass."""
 
 
 class EvalSpec(BaseModel):
