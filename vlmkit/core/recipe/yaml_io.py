@@ -17,9 +17,6 @@ class RecipeLoader(yaml.SafeLoader):
     """A safe loader: no duplicate keys, and ``!replace`` on a mapping or a list."""
 
 
-_UniqueKeyLoader = RecipeLoader
-
-
 def _construct_mapping(loader: RecipeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     mapping: dict[Any, Any] = {}
     for key_node, value_node in node.value:
