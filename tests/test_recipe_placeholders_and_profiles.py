@@ -51,7 +51,8 @@ def test_a_section_that_names_its_component_replaces_an_unnamed_overlay():
         {"connector": {"name": "mlp", "projector": "mlp3x_gelu"}}
     resolved = load_recipe("ablation_otter_qformer", "smoke")
     assert resolved.components["connector"].name == "qformer"
-    assert resolved.components["connector"].config.num_queries == 4
+    assert resolved.components["connector"].config.num_queries == 16  # the ablation's one line; sizes derive
+    assert "num_latents" not in resolved.data["model"]["connector"]  # the parent's smoke perceiver options
 
 
 def test_disabled_stage_is_skipped_and_init_from_loads_an_export(tmp_path):

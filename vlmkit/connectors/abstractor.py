@@ -80,13 +80,14 @@ end-of-image vector.
 from __future__ import annotations
 
 import torch
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat
 from torch import nn
 from torch.nn import functional as F
 
 from vlmkit.connectors.init import init_bert_style
+from vlmkit.connectors.qformer import default_heads
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.interfaces import Connector, ConnectorConfig
+from vlmkit.core.interfaces import Connector, ConnectorConfig, Layers, Size
 
 __all__ = ["AbstractorConfig", "VisualAbstractor"]
 
@@ -94,20 +95,39 @@ _WHERE = "model.connector"
 
 
 class AbstractorConfig(ConnectorConfig):
-    """Recipe section ``model.connector`` for ``name: abstractor``. Defaults are mPLUG-Owl's."""
+    """Recipe section ``model.connector`` for ``name: abstractor``. Defaults are mPLUG-Owl's for an
+    encoder of width 1024 or more; the sizes left out follow a narrower encoder's width."""
 
-    num_queries: PositiveInt = 64
+    num_queries: Size = 64
     """Learned queries; each image becomes ``num_queries + 1`` tokens (the queries and the
     end-of-image vector)."""
-    num_layers: PositiveInt = 6
+    num_layers: Layers = 6
     """Cross-attention + SwiGLU layers."""
-    hidden_size: PositiveInt = 1024
-    """Width of the queries and of every layer (``H``)."""
-    num_heads: PositiveInt = 16
-    """Attention heads; must divide ``hidden_size``."""
-    intermediate_size: PositiveInt = 2816
-    """Inner width of each SwiGLU feed-forward (mPLUG-Owl: 2816 = LLaMA's sizing rule applied to
-    ``4 * 1024``)."""
+    hidden_size: Size | None = None
+    """Width of the queries and of every layer (``H``). Default (none): derived from the wired
+    encoder width, ``min(1024, width_in)``: mPLUG-Owl's 1024 at CLIP ViT-L/14's width (and above it,
+    through an input projection), the encoder's own width below that (no input projection: 32 for a
+    smoke encoder, 320 for EfficientNet-Lite0), so one recipe line swaps an abstractor in at every
+    scale."""
+    num_heads: Size | None = None
+    """Attention heads; must divide ``hidden_size``. Default (none): heads of width 64 or more, the
+    largest divisor of ``hidden_size`` not above ``hidden_size / 64`` and at least 1 (mPLUG-Owl: 16
+    at 1024; 5 at 320; 1 below 128)."""
+    intermediate_size: Size | None = None
+    """Inner width of each SwiGLU feed-forward. Default (none): LLaMA's sizing rule applied to
+    ``4 * hidden_size``, two thirds of it rounded up to a multiple of 256 (mPLUG-Owl: 2816 at 1024;
+    1024 at 320; 256 at 32)."""
+
+    def sized(self) -> AbstractorConfig:
+        """This config with the sizes left out derived from ``width_in`` (which must be set)."""
+        if self.width_in is None:
+            raise ValueError("VisualAbstractor needs width_in and width_out (the builder sets them)")
+        hidden = self.hidden_size if self.hidden_size is not None else min(1024, int(self.width_in))
+        heads = self.num_heads if self.num_heads is not None else default_heads(hidden)
+        inner = self.intermediate_size
+        if inner is None:
+            inner = 256 * -(-(8 * hidden // 3) // 256)  # LLaMA: int(2/3 * 4H), up to a multiple of 256
+        return self.model_copy(update={"hidden_size": hidden, "num_heads": heads, "intermediate_size": inner})
     layer_norm_eps: PositiveFloat = 1e-6
     """Epsilon of the SwiGLU's inner LayerNorm (mPLUG-Owl's ``layer_norm_eps``)."""
     block_layer_norm_eps: PositiveFloat = 1e-5
@@ -177,10 +197,14 @@ class VisualAbstractor(Connector):
 
     def __init__(self, config: AbstractorConfig):
         super().__init__(config)
+        derived = [n for n in ("hidden_size", "num_heads") if getattr(config, n) is None]
+        config = self.config = config.sized()
         if config.hidden_size % config.num_heads:
             raise VlmkitError(
                 f"{_WHERE}.num_heads: {config.num_heads} attention heads do not divide the hidden size "
-                f"{config.hidden_size} ({_WHERE}.hidden_size); choose a divisor of it (mPLUG-Owl: 16 heads of 64)"
+                f"{config.hidden_size} ({_WHERE}.hidden_size"
+                + (f", not set: derived from the encoder width {config.width_in}" if "hidden_size" in derived else "")
+                + "); choose a divisor of it (mPLUG-Owl: 16 heads of 64)"
             )
         hidden = config.hidden_size
         self.queries = nn.Parameter(torch.empty(config.num_queries, hidden))  # (Q, H)

@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import Field, PositiveFloat, ValidationError
 from torch import nn
 
 from vlmkit.connectors.init import init_bert_style
 from vlmkit.core.errors import VlmkitError, suggest
-from vlmkit.core.interfaces import Connector, ConnectorConfig
+from vlmkit.core.interfaces import Connector, ConnectorConfig, Layers, Size
 
 __all__ = ["QFormer", "QFormerConfig"]
 
@@ -60,19 +60,27 @@ _HF_REQUIRED: dict[str, Any] = {"hidden_act": "gelu", "use_qformer_text_input": 
 
 
 class QFormerConfig(ConnectorConfig):
-    """The ``model.connector`` section of ``name: qformer``. Defaults are BLIP-2's (BERT-base)."""
+    """The ``model.connector`` section of ``name: qformer``. Defaults are BLIP-2's (BERT-base) for
+    encoders of width 768 or more; the sizes left out follow a narrower encoder's width. With
+    ``hf_config``, the sizes left out are transformers' defaults instead."""
 
-    num_queries: PositiveInt = 32
+    num_queries: Size = 32
     """Learned query tokens: the output tokens per image (BLIP-2: 32)."""
-    hidden_size: PositiveInt = 768
-    """Width of the queries and of the transformer (BERT-base: 768)."""
-    num_layers: PositiveInt = 12
+    hidden_size: Size | None = None
+    """Width of the queries and of the transformer. Default (none): derived from the wired encoder
+    width, ``min(768, width_in)``: BERT-base's 768 at BLIP-2's and CLIP's widths, the encoder's own
+    width below that (32 for a smoke encoder, 320 for EfficientNet-Lite0), so one recipe line swaps a
+    Q-Former in at every scale."""
+    num_layers: Layers = 12
     """Transformer layers (BERT-base: 12)."""
-    num_heads: PositiveInt = 12
-    """Attention heads of every self- and cross-attention; must divide ``hidden_size``."""
-    intermediate_size: PositiveInt = 3072
-    """Hidden width of each feed-forward block (GELU)."""
-    cross_attention_frequency: PositiveInt = 2
+    num_heads: Size | None = None
+    """Attention heads of every self- and cross-attention; must divide ``hidden_size``. Default
+    (none): heads of width 64 or more, the largest divisor of ``hidden_size`` not above
+    ``hidden_size / 64`` and at least 1 (BERT-base: 12 at 768; 5 at 320; 1 below 128)."""
+    intermediate_size: Size | None = None
+    """Hidden width of each feed-forward block (GELU). Default (none): ``4 * hidden_size``
+    (BERT-base: 3072)."""
+    cross_attention_frequency: Size = 2
     """Layer ``i`` cross-attends to the image features when ``i % cross_attention_frequency == 0``
     (2: layers 0, 2, ..., 10 of 12; 1: every layer)."""
     layer_norm_eps: PositiveFloat = 1e-12
@@ -103,6 +111,12 @@ def resolve_config(config: QFormerConfig) -> QFormerConfig:
     source = {name: f"{_WHERE}.{name}" for name in values}
     if config.hf_config is not None:
         values, source = _from_hf(config)
+    else:
+        given = values
+        values = derived_sizes(values, int(config.width_in))
+        for name in ("hidden_size", "num_heads", "intermediate_size"):
+            if given.get(name) is None:
+                source[name] = f"{_WHERE}.{name} (not set: derived from the encoder width {config.width_in})"
     try:
         resolved = QFormerConfig.model_validate(values)
     except ValidationError as exc:
@@ -115,6 +129,26 @@ def resolve_config(config: QFormerConfig) -> QFormerConfig:
             f"{resolved.hidden_size} ({source['hidden_size']})"
         )
     return resolved
+
+
+def default_heads(hidden_size: int) -> int:
+    """Heads of width 64 or more: the largest divisor of ``hidden_size`` not above
+    ``hidden_size / 64``, at least 1 (768 -> 12, 1024 -> 16, 320 -> 5, 32 -> 1)."""
+    most = max(1, hidden_size // 64)
+    return next(h for h in range(most, 0, -1) if hidden_size % h == 0)
+
+
+def derived_sizes(values: dict[str, Any], width_in: int) -> dict[str, Any]:
+    """``values`` with the sizes left out (None) derived from the encoder width: ``hidden_size =
+    min(768, width_in)``, ``num_heads`` by :func:`default_heads`, ``intermediate_size = 4 * hidden``."""
+    values = dict(values)
+    if values.get("hidden_size") is None:
+        values["hidden_size"] = min(768, width_in)
+    if values.get("num_heads") is None:
+        values["num_heads"] = default_heads(int(values["hidden_size"]))
+    if values.get("intermediate_size") is None:
+        values["intermediate_size"] = 4 * int(values["hidden_size"])
+    return values
 
 
 def _from_hf(config: QFormerConfig) -> tuple[dict[str, Any], dict[str, str]]:
@@ -144,6 +178,8 @@ def _from_hf(config: QFormerConfig) -> tuple[dict[str, Any], dict[str, str]]:
     explicit = {}
     for name in config.model_fields_set & _HF_NAMES.keys():
         hf_name, value = _HF_NAMES[name], getattr(config, name)
+        if value is None:  # left to hf_config (or transformers' default), as if not given
+            continue
         if hf_name in hf_config and hf_config[hf_name] != value:
             raise VlmkitError(
                 f"{_WHERE}.{name}: {value!r} contradicts {_WHERE}.hf_config.{hf_name} = {hf_config[hf_name]!r}; "

@@ -17,7 +17,14 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from vlmkit.core.errors import PluginError, RecipeError, VlmkitError, listing, suggest
-from vlmkit.core.recipe.merge import apply_override, deep_merge, parse_override, plain
+from vlmkit.core.recipe.merge import (
+    apply_override,
+    check_entry_names,
+    deep_merge,
+    drop_swapped_components,
+    parse_override,
+    plain,
+)
 from vlmkit.core.recipe.schema import COMPONENTS, ComponentSpec, DatasetSpec, Recipe
 from vlmkit.core.recipe.yaml_io import dump_yaml, read_yaml_mapping
 
@@ -89,24 +96,90 @@ class ResolvedRecipe:
 
 
 # ------------------------------------------------------------------------------ resolution
-def _resolve_extends(path: Path, chain: list[Path]) -> dict[str, Any]:
+@dataclass
+class _Level:
+    """One recipe file of an ``extends`` chain: its body (without ``extends``, ``profiles`` and
+    ``default_profile``) and its own profiles."""
+
+    path: Path
+    body: dict[str, Any]
+    profiles: dict[str, Any]
+    default: Any = None
+    has_default: bool = False
+
+
+def _chain(path: Path, chain: list[Path]) -> list[_Level]:
+    """The recipe and its ``extends`` ancestors, the root first."""
     if path in chain:
         cycle = " -> ".join(p.name for p in [*chain, path])
         raise RecipeError(str(chain[0]), [f"extends: the recipes extend each other in a cycle: {cycle}"])
     data = read_yaml_mapping(path)
     parent_ref = data.pop("extends", None)
+    profiles = data.pop("profiles", None)
+    has_default = "default_profile" in data
+    default = data.pop("default_profile", None)
+    if profiles is None:
+        profiles = {}
+    if not isinstance(profiles, dict):
+        raise RecipeError(str(path), [f"profiles: expected a mapping of profile name -> overlay, got {type(profiles).__name__}"])
+    check_entry_names(data.get("stages"), str(path), ("stages",))
+    level = _Level(path, data, profiles, default, has_default)
     if parent_ref is None:
-        return data
+        return [level]
     if not isinstance(parent_ref, str) or not parent_ref.strip():
         raise RecipeError(str(path), [f"extends: expected a recipe name or path, got {parent_ref!r}"])
     try:
         parent_path = find_recipe(parent_ref, relative_to=path.parent)
     except VlmkitError as exc:
         raise RecipeError(str(path), [f"extends: {exc}"]) from None
-    parent = _resolve_extends(parent_path, [*chain, path])
-    if "name" in data:  # the recipe's own name is no component identity: a renamed child still merges
-        parent = {**parent, "name": data["name"]}
-    return deep_merge(parent, data)
+    return [*_chain(parent_path, [*chain, path]), level]
+
+
+def _profile_names(levels: list[_Level]) -> list[str]:
+    names: dict[str, None] = {}
+    for level in levels:
+        names.update(dict.fromkeys(level.profiles))
+    return list(names)
+
+
+def _overlay(level: _Level, chosen: str) -> dict[str, Any]:
+    """``level``'s profile ``chosen`` ({} where it has none), checked."""
+    overlay = level.profiles.get(chosen)
+    source = str(level.path)
+    if overlay is None:
+        return {}
+    if not isinstance(overlay, dict):
+        raise RecipeError(source, [f"profiles.{chosen}: expected a mapping (an overlay of recipe fields), got {overlay!r}"])
+    bad = [k for k in overlay if k in _PROFILE_FORBIDDEN]
+    if bad:
+        raise RecipeError(
+            source, [f"profiles.{chosen}.{bad[0]}: a profile cannot set '{bad[0]}' (not allowed: {', '.join(_PROFILE_FORBIDDEN)})"]
+        )
+    check_entry_names(overlay.get("stages"), source, ("profiles", chosen, "stages"))
+    return overlay
+
+
+def _merge_levels(levels: list[_Level], chosen: str | None) -> dict[str, Any]:
+    """The bodies of the chain merged, the root first, then each file's profile ``chosen``, the
+    root's first, so that a parent's profile (e.g. its ``paper`` sizes and hyper-parameters) still
+    applies over a child's body. A component swap is the exception
+    (:func:`~vlmkit.core.recipe.merge.drop_swapped_components`): for what each component *is*, a
+    child's body ranks above its parent's profiles, and the options that lower layers gave the old
+    component are dropped, so ``connector: {name: qformer}`` in a child is a swap in every profile."""
+    overlays = [_overlay(level, chosen) if chosen is not None else {} for level in levels]
+    identity_order: list[Any] = []
+    for level, overlay in zip(levels, overlays):
+        identity_order += [level.body, overlay]
+    kept = drop_swapped_components(identity_order)
+    bodies, overlays = kept[0::2], kept[1::2]
+    data: dict[str, Any] = {}
+    for level, body in zip(levels, bodies):
+        if "name" in body and "name" in data:  # the recipe's own name is no component identity
+            data = {**data, "name": body["name"]}
+        data = deep_merge(data, body, source=str(level.path))
+    for level, overlay in zip(levels, overlays):
+        data = deep_merge(data, overlay, source=str(level.path))
+    return data
 
 
 def resolve_mapping(
@@ -116,32 +189,19 @@ def resolve_mapping(
     file and the profile used. ``bare``: no profile at all, not even the default. Not yet validated."""
     path = find_recipe(ref)
     source = str(path)
-    data = _resolve_extends(path, [])
-    profiles = data.pop("profiles", None) or {}
-    default = data.pop("default_profile", None)
-    if not isinstance(profiles, dict):
-        raise RecipeError(source, [f"profiles: expected a mapping of profile name -> overlay, got {type(profiles).__name__}"])
+    levels = _chain(path, [])
+    profiles = _profile_names(levels)
+    default = next((level.default for level in reversed(levels) if level.has_default), None)
     if default is not None and default not in profiles:
         raise RecipeError(
             source, [f"default_profile: '{default}' is not defined{suggest(default, profiles)} profiles: {listing(profiles)}"]
         )
     chosen = None if bare else (profile if profile is not None else default)
-    if chosen is not None:
-        if chosen not in profiles:
-            raise RecipeError(
-                source, [f"profile '{chosen}' is not defined{suggest(chosen, profiles)} profiles: {listing(profiles)}"]
-            )
-        overlay = profiles[chosen]
-        if overlay is None:
-            overlay = {}
-        if not isinstance(overlay, dict):
-            raise RecipeError(source, [f"profiles.{chosen}: expected a mapping (an overlay of recipe fields), got {overlay!r}"])
-        bad = [k for k in overlay if k in _PROFILE_FORBIDDEN]
-        if bad:
-            raise RecipeError(
-                source, [f"profiles.{chosen}.{bad[0]}: a profile cannot set '{bad[0]}' (not allowed: {', '.join(_PROFILE_FORBIDDEN)})"]
-            )
-        data = deep_merge(data, overlay)
+    if chosen is not None and chosen not in profiles:
+        raise RecipeError(
+            source, [f"profile '{chosen}' is not defined{suggest(chosen, profiles)} profiles: {listing(profiles)}"]
+        )
+    data = _merge_levels(levels, chosen)
     for text in overrides:
         path_parts, value = parse_override(text)
         apply_override(data, path_parts, value, text)
@@ -238,19 +298,23 @@ def load_recipe(
     return validate_mapping(data, label, registry=registry, profile=chosen, overrides=list(overrides), source=source)
 
 
-def validate_all_profiles(ref: str | Path, registry: Any = None) -> tuple[Path, list[str]]:
-    """Validate a recipe bare and under each of its profiles (inherited ones included). Returns the
-    file and what was checked; raises one :class:`RecipeError` with every problem found."""
+def validate_all_profiles(
+    ref: str | Path, registry: Any = None, profile: str | None = None, overrides: list[str] = ()
+) -> tuple[Path, list[str]]:
+    """Validate a recipe bare and under each of its profiles (inherited ones included), or under
+    ``profile`` only, each with the ``--set`` ``overrides``. Returns the file and what was checked;
+    raises one :class:`RecipeError` with every problem found."""
     path = find_recipe(ref)
-    merged = _resolve_extends(path, [])
-    profiles = merged.get("profiles") or {}
-    names = list(profiles) if isinstance(profiles, dict) else []
+    if profile is not None:
+        load_recipe(path, profile, list(overrides), registry=registry)
+        return path, [profile]
+    names = _profile_names(_chain(path, []))
     failures: list[tuple[str, str]] = []  # (source label, problem)
     checked: list[str] = []
     bare_problems: set[str] = set()
     for name in [None, *names]:
         try:
-            load_recipe(path, name, registry=registry, bare=name is None)
+            load_recipe(path, name, list(overrides), registry=registry, bare=name is None)
             checked.append(name or "(no profile)")
         except RecipeError as exc:
             # a problem of the recipe itself recurs under every profile: report it once
@@ -318,6 +382,7 @@ def validate_mapping(
                     f"stages.{i}.data.{j}: no dataset '{alias}' in the recipe's data section{suggest(alias, recipe.data)} "
                     f"defined: {listing(recipe.data)}"
                 )
+        problems.extend(_init_from_problems(i, stage, components))
         mixed = [a for a in stage.data if a in datasets and datasets[a].name == "lcl" and datasets[a].config.strategy == "mix"]
         evenly = stage.mix == "even" or (isinstance(stage.mix, dict) and len(set(stage.mix.values())) == 1)
         if mixed and (len(stage.data) < 2 or not evenly):
@@ -356,6 +421,27 @@ def validate_mapping(
         raise RecipeError(label, problems)
     return ResolvedRecipe(recipe, components, datasets, data, source or label, profile, list(overrides), templates,
                           evaluators)
+
+
+#: the components an OpenFlamingo checkpoint's tensors load into (vlmkit.core.importers.openflamingo)
+_OPENFLAMINGO_PARTS = {"connector": "perceiver", "fusion": "gated_cross_attention", "decoder": "hf_causal_lm"}
+
+
+def _init_from_problems(i: int, stage: Any, components: dict[str, BuiltComponentSpec]) -> list[str]:
+    """An enabled stage that starts from an OpenFlamingo checkpoint needs the parts it fills: a
+    recipe that swapped one of them (``connector: {name: qformer}`` over Otter) cannot load it."""
+    init = stage.init_from
+    if not stage.enabled or init is None or init.format != "openflamingo":
+        return []
+    wrong = [f"{kind} '{components[kind].name}'" for kind, want in _OPENFLAMINGO_PARTS.items()
+             if kind in components and components[kind].name != want]
+    if not wrong:
+        return []
+    need = ", ".join(f"{kind} '{want}'" for kind, want in _OPENFLAMINGO_PARTS.items())
+    return [f"stages.{i}.init_from: format openflamingo loads OpenFlamingo's perceiver and gated cross-attention, "
+            f"which need {need}; this recipe has {' and '.join(wrong)}, which its weights do not fit. Train from "
+            f"scratch instead (stages.{i}.init_from: null, and enable the stages before it, as the ablation_otter_* "
+            f"recipes' paper profiles do) or start from a vlmkit export (format: vlmkit)"]
 
 
 def _unparsed_component_problems(registry: Any, data: dict[str, Any]) -> list[str]:
