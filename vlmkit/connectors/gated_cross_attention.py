@@ -47,12 +47,11 @@ from functools import partial
 from typing import Any
 
 import torch
-from pydantic import PositiveInt
 from torch import nn
 from torch.nn import functional as F
 
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.interfaces import Fusion, FusionConfig, LanguageDecoder
+from vlmkit.core.interfaces import Fusion, FusionConfig, LanguageDecoder, Layers, Size
 
 __all__ = [
     "GatedCrossAttentionConfig",
@@ -71,14 +70,14 @@ _CACHE_INPUTS = ("past_key_values", "cache")
 class GatedCrossAttentionConfig(FusionConfig):
     """Recipe section ``model.fusion`` for ``name: gated_cross_attention``. Defaults are OpenFlamingo's."""
 
-    every_n_layers: PositiveInt = 1
+    every_n_layers: Size = 1
     """A block before every n-th decoder layer (OpenFlamingo's ``cross_attn_every_n_layers``: 1 for
     OF-3B, 2 for OF-4B, 4 for OF-9B and Otter)."""
-    heads: PositiveInt = 8
+    heads: Size = 8
     """Attention heads of each block's cross-attention."""
-    dim_head: PositiveInt = 64
+    dim_head: Size = 64
     """Width of each head; the cross-attention works at ``heads * dim_head`` inside."""
-    ff_mult: PositiveInt = 4
+    ff_mult: Size = 4
     """Hidden width of each block's feed-forward, as a multiple of the decoder width."""
     only_attend_immediate_media: bool = True
     """True: a text token attends only to the latents of the most recent image before it; False: to

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmkit.core.errors import VlmkitError
+from vlmkit.core.errors import RecipeError, VlmkitError
 from vlmkit.core.interfaces import Connector, Fusion, LanguageDecoder, VisionEncoder
 from vlmkit.core.recipe.loader import ResolvedRecipe
 
@@ -129,6 +129,62 @@ def build_model(resolved: ResolvedRecipe, registry: Any = None, meta: bool = Fal
 
         with meta_build():
             return build_model(resolved, registry)
+    try:
+        return _build_model(resolved, registry)
+    except (MemoryError, RuntimeError) as exc:
+        if not is_allocation_failure(exc):
+            raise
+        # a component that checks its size before allocating says everything itself (``explained``)
+        message = str(exc) if getattr(exc, "explained", False) else _allocation_message(resolved, registry, exc)
+    raise RecipeError(resolved.source, [message])
+
+
+#: what torch's allocators say when they cannot serve a request (CPU, CUDA, MPS)
+_ALLOCATOR_MESSAGES = ("can't allocate memory", "cannot allocate memory", "out of memory", "not enough memory",
+                       "defaultcpuallocator")
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _ALLOCATOR_MESSAGES)
+    )
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            value = n / size
+            return f"{value:,.0f} {unit}" if value >= 10 else f"{value:.2g} {unit}"
+    return f"{n:.0f} bytes"
+
+
+def _allocation_message(resolved: ResolvedRecipe, registry: Any, exc: BaseException) -> str:
+    """The memory the model needs (its weights and buffers, counted on the meta device) and what the
+    allocator said."""
+    import gc
+
+    gc.collect()  # what the failed build allocated
+    said = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    said = said.split("] ", 1)[-1].removeprefix("err == 0. ")  # torch's "[enforce fail at alloc_cpu.cpp:127] err == 0."
+    try:
+        meta_model = build_model(resolved, registry, meta=True)
+        sizes = {
+            name: sum(t.numel() * t.element_size() for t in (*getattr(meta_model, name).parameters(),
+                                                              *getattr(meta_model, name).buffers()))
+            for name in meta_model.component_names
+        }
+    except Exception:  # noqa: BLE001 - the estimate is a courtesy; the message stands without it
+        sizes = {}
+    if sizes:
+        need = (f"this model needs about {_bytes(sum(sizes.values()))} for its weights alone ("
+                + ", ".join(f"{name} {_bytes(size)}" for name, size in sizes.items()) + ")")
+    else:
+        need = "this model needs more memory than the machine could give"
+    return (f"model: building the model ran out of memory: {need}, and the allocator reported: {said}; make the "
+            "model smaller (the sizes in the model section) or use a machine with more memory")
+
+
+def _build_model(resolved: ResolvedRecipe, registry: Any) -> VisionLanguageModel:
     if registry is None:
         from vlmkit.core.registry import get_registry
 

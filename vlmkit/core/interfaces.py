@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
 __all__ = [
+    "Layers",
+    "Size",
     "ComponentConfig",
     "Preprocess",
     "VisionEncoder",
@@ -94,13 +96,20 @@ class VisionEncoder(nn.Module, ABC):
         """``pixels (N, C, H, W)`` normalised as :attr:`preprocess` says -> ``(N, tokens, width)``."""
 
 
+#: a component's width, token or head count: at least 1, at most 1,000,000 (a typo such as 1e15
+#: is refused when the recipe validates, not when the allocator gives up)
+Size = Annotated[int, Field(gt=0, le=1_000_000)]
+#: a component's number of layers: at least 1, at most 1,000 (10**12 layers would build forever)
+Layers = Annotated[int, Field(gt=0, le=1_000)]
+
+
 # --------------------------------------------------------------------------------------- connectors
 class ConnectorConfig(ComponentConfig):
     """Widths are filled in by the builder (encoder width in, decoder width out) unless the recipe
     sets them; a set width that disagrees with the component it meets is an error."""
 
-    width_in: PositiveInt | None = None
-    width_out: PositiveInt | None = None
+    width_in: Size | None = None
+    width_out: Size | None = None
 
 
 class Connector(nn.Module, ABC):

@@ -19,7 +19,7 @@ SHAPES = ("circle", "square", "triangle")
 
 
 class ToyCaptionsConfig(DatasetConfig):
-    num_samples: PositiveInt = 64
+    num_samples: PositiveInt = Field(64, le=10_000_000, description="generated samples (at most 10 million)")
     image_size: int = Field(64, ge=16, le=1024)
     seed: int = 0
 

@@ -7,7 +7,7 @@ Component sections (``model.encoder`` ...) and dataset entries carry their own o
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -26,9 +26,21 @@ NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.\-]*$"
 COMPONENTS = ("encoder", "connector", "fusion", "decoder")
 MIX_MODES = ("size", "weights", "even")
 
+# Upper bounds: far beyond any real run, they turn a slip (1e30, an extra digit block) into an error
+# that names the field and the bound instead of an overflow or an allocation failure later.
+MAX_STEPS = 10**9  # optimizer steps, warmup steps, log / checkpoint intervals
+MAX_BATCH = 10**6  # samples per micro-batch, micro-batches per step, samples of a dataset per step
+MAX_EPOCHS = 10**6
+MAX_LR = 1.0  # AdamW moves each weight by about lr per step: above 1 nothing is learned
+MAX_TOKENS = 10**7  # tokens per sample
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.manual_seed takes
+
+LearningRate = Annotated[float, Field(gt=0.0, le=MAX_LR)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class ComponentSpec(BaseModel):
@@ -60,7 +72,8 @@ class DatasetSpec(BaseModel):
         "required for datasets of conversations"
     )
     weight: PositiveFloat | None = Field(
-        None, description="relative sampling weight when a stage mixes datasets with mix: weights"
+        None, le=1e9, allow_inf_nan=False,
+        description="relative sampling weight when a stage mixes datasets with mix: weights",
     )
 
     def template_spec(self) -> ComponentSpec | None:
@@ -73,8 +86,8 @@ class DatasetSpec(BaseModel):
 
 
 class LoraSpec(Strict):
-    r: PositiveInt = 8
-    alpha: PositiveFloat = 16.0
+    r: PositiveInt = Field(8, le=65536)
+    alpha: PositiveFloat = Field(16.0, le=1e6)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | None = Field(
         None, description="module-name suffixes; default: the decoder family's names"
@@ -90,7 +103,7 @@ class TuneSpec(Strict):
     mode: TuneMode
     lora: LoraSpec | None = None
     modules: list[str] | None = Field(None, description="partial: names of sub-modules to train")
-    last_layers: PositiveInt | None = Field(None, description="partial: train the last k decoder layers")
+    last_layers: PositiveInt | None = Field(None, le=100_000, description="partial: train the last k decoder layers")
 
     @model_validator(mode="before")
     @classmethod
@@ -127,9 +140,9 @@ class StageTune(Strict):
 
 class OptimizerSpec(Strict):
     name: Literal["adamw"] = "adamw"
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: PositiveFloat = 1e-8
-    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    eps: PositiveFloat = Field(1e-8, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
 
 
 class InitFrom(Strict):
@@ -158,18 +171,18 @@ class StageSpec(Strict):
     data: list[str] = Field(min_length=1, description="names of entries in the recipe's `data` section")
     tune: StageTune
     optimizer: OptimizerSpec = OptimizerSpec()
-    lr: PositiveFloat
-    lr_per_component: dict[Literal["encoder", "connector", "fusion", "decoder"], PositiveFloat] = {}
+    lr: LearningRate
+    lr_per_component: dict[Literal["encoder", "connector", "fusion", "decoder"], LearningRate] = {}
     schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: NonNegativeInt = 0
+    warmup_steps: NonNegativeInt = Field(0, le=MAX_STEPS)
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    epochs: PositiveFloat | None = None
-    max_steps: PositiveInt | None = None
-    batch_size: PositiveInt = Field(description="samples per micro-batch over all processes (each of W processes takes batch_size / W)")
-    grad_accum: PositiveInt = Field(1, description="micro-batches per optimizer step: the global batch is batch_size * grad_accum")
-    max_grad_norm: PositiveFloat | None = 1.0
+    epochs: PositiveFloat | None = Field(None, le=MAX_EPOCHS)
+    max_steps: PositiveInt | None = Field(None, le=MAX_STEPS)
+    batch_size: PositiveInt = Field(le=MAX_BATCH, description="samples per micro-batch over all processes (each of W processes takes batch_size / W)")
+    grad_accum: PositiveInt = Field(1, le=MAX_BATCH, description="micro-batches per optimizer step: the global batch is batch_size * grad_accum")
+    max_grad_norm: PositiveFloat | None = Field(1.0, le=1e6)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    log_every: PositiveInt = 1
+    log_every: PositiveInt = Field(1, le=MAX_STEPS)
     mix: Literal["size", "weights", "even"] | dict[str, PositiveInt] = Field(
         "size", description="with several datasets: size / weights / even: each micro-batch comes from one of "
         "them, drawn in proportion to their sizes, to their `weight`, or evenly; a mapping {dataset: count}: "
@@ -177,7 +190,7 @@ class StageSpec(Strict):
         "batch_size * grad_accum), laid out in the stage's data order and cut into its micro-batches"
     )
     max_length: PositiveInt | None = Field(
-        None, description="tokens per sample; longer samples lose in-context examples from the front"
+        None, le=MAX_TOKENS, description="tokens per sample; longer samples lose in-context examples from the front"
     )
 
     @field_validator("mix", mode="before")
@@ -191,8 +204,9 @@ class StageSpec(Strict):
                              "{dataset: samples per optimizer step}")
         if isinstance(value, dict):
             for alias, count in value.items():
-                if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                    raise ValueError(f"{alias}: got {count!r}; a per-step count is a whole number of samples, at least 1")
+                if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_BATCH:
+                    raise ValueError(f"{alias}: got {count!r}; a per-step count is a whole number of samples, from 1 "
+                                     f"to {MAX_BATCH:,}")
         return value
 
     @model_validator(mode="after")
@@ -226,9 +240,9 @@ class StageSpec(Strict):
 class RunSpec(Strict):
     """How the engine runs and saves, for every stage."""
 
-    checkpoint_every: PositiveInt | None = None
+    checkpoint_every: PositiveInt | None = Field(None, le=MAX_STEPS)
     """Save a resumable checkpoint every this many optimizer steps (and always at each stage end)."""
-    keep_last: PositiveInt = 2
+    keep_last: PositiveInt = Field(2, le=10**6)
     """Checkpoints kept in ``<output>/checkpoints`` (older ones are deleted after a newer is complete)."""
     tensorboard: bool = False
     """Also write TensorBoard scalars (needs ``pip install 'vlmkit[tensorboard]'``)."""
@@ -238,7 +252,7 @@ class RunSpec(Strict):
     """In the export, merge LoRA adapters into the base weights (else keep them separate)."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in the backward pass (less memory, about 30% slower)."""
-    num_workers: NonNegativeInt = 0
+    num_workers: NonNegativeInt = Field(0, le=1024)
     """Data-loading worker processes per training process."""
     eval_before: bool = False
     """Also run the recipe's ``eval`` list on the untrained model, and print before/after tables."""
@@ -247,10 +261,10 @@ class RunSpec(Strict):
     keyed by a content hash of the preprocessed frame (and the autocast dtype), dropped when the
     encoder's weights change, never used in a stage that trains the encoder. Results are the same
     as without it; each stage reports its hits and misses."""
-    feature_cache_mib: PositiveInt = 1024
+    feature_cache_mib: PositiveInt = Field(1024, le=2**20)
     """The feature cache's size limit (MiB, on the device the features are computed on); the least
     recently used features are dropped beyond it."""
-    length_groups: PositiveInt = 1
+    length_groups: PositiveInt = Field(1, le=MAX_BATCH)
     """Run each micro-batch as at most this many forward/backward passes over samples of similar
     length (each padded to its own longest sample) where that saves padded positions; the loss per
     trained token and the step are the same. 1: each micro-batch in one pass."""
@@ -268,7 +282,7 @@ class Recipe(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
     extends: str | None = Field(None, description="a parent recipe (shipped name or path), deep-merged under this one")
-    seed: int = 0
+    seed: int = Field(0, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     run: RunSpec = RunSpec()
     model: ModelSpec
     data: dict[str, DatasetSpec] = Field(min_length=1)
