@@ -37,12 +37,20 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                        help="override a field, e.g. --set model.connector.projector=mlp3x_gelu (repeatable)")
 
+    def trust_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--trust-remote-code", action="store_true",
+                       help="allow the Python code that the export's model folders ship (its recipe's "
+                            "trust_remote_code: true) to run; without it such an export is refused. An export's own "
+                            "trust_remote_code setting is never enough: read that code before you pass this")
+
     sub.add_parser("list", parents=[common], help="the shipped recipes")
     p = sub.add_parser("show", parents=[common], help="print a recipe resolved (extends, profile, overrides)")
     p.add_argument("recipe", help="shipped recipe name or YAML file")
     recipe_args(p)
-    p = sub.add_parser("validate", parents=[common], help="check a recipe and each of its profiles")
+    p = sub.add_parser("validate", parents=[common],
+                       help="check a recipe and each of its profiles (or only --profile), with any --set")
     p.add_argument("recipe", help="shipped recipe name or YAML file")
+    recipe_args(p)
     p = sub.add_parser("components", parents=[common], help="registered components")
     p.add_argument("kind", nargs="?", choices=KINDS)
     p = sub.add_parser("plugins", parents=[common], help="plug-ins with their distributions and components")
@@ -55,7 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="train a recipe")
     p.add_argument("recipe", help="shipped recipe name or YAML file")
     recipe_args(p)
-    p.add_argument("--output-dir", type=Path, help="run folder (default: runs/<recipe name>)")
+    p.add_argument("--output-dir", type=Path,
+                   help="run folder (default: runs/<recipe name>); a new or empty folder, or a vlmkit run folder "
+                        "(it holds a .vlmkit-run file): any other folder is refused unless --overwrite is given")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run in an --output-dir that is not empty and is not a vlmkit run folder. Nothing there is "
+                        "deleted or changed: files and folders at the paths a run writes (recipe.yaml, metrics.jsonl, "
+                        "loss.png, tensorboard/, checkpoints/, export/, eval/) are first renamed to "
+                        "<name>.pre-vlmkit-<time>; every other file is left alone. No effect on a run folder")
     p.add_argument("--resume", action="store_true",
                    help="resume the folder's checkpoints even if the recipe changed (a folder with checkpoints of "
                         "the same recipe is resumed without it)")
@@ -71,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, help="where to write eval/<label>/ (default: the run folder)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    trust_arg(p)
     p = sub.add_parser("chat", parents=[common], help="ask a trained model about an image, in the terminal")
     p.add_argument("model", help="a run folder (its export/ is used) or an export folder")
     p.add_argument("--image", help="the image the questions are about")
@@ -81,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--template", help="which of the recipe's chat templates (default: the last stage's)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    trust_arg(p)
     p = sub.add_parser("data", parents=[common], help="data sets: generate the demo data")
     data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     p = data_sub.add_parser("demo", parents=[common],
@@ -146,7 +163,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from vlmkit.core.recipe.loader import validate_all_profiles
 
-    path, checked = validate_all_profiles(args.recipe, registry=_registry())
+    path, checked = validate_all_profiles(args.recipe, registry=_registry(), profile=args.profile, overrides=args.overrides)
     print(f"ok: {path} ({', '.join(checked)})")
     return 0
 
@@ -204,7 +221,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     resolved = load_recipe(args.recipe, args.profile, args.overrides, registry=registry)
     output_dir = args.output_dir or Path("runs") / resolved.recipe.name
     result = run(resolved, output_dir, registry=registry, progress=not args.no_progress,
-                 resume=True if args.resume else None)
+                 resume=True if args.resume else None, overwrite=args.overwrite)
     if result.processes > 1 and not _is_main_process():
         return 0
     if not result.complete_before:
@@ -259,7 +276,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     registry = _registry()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     export = find_export(args.model)
-    model, resolved = load_with_recipe(export, device=device, registry=registry, overrides=overrides)
+    model, resolved = load_with_recipe(export, device=device, registry=registry, overrides=overrides,
+                                       trust_remote_code=args.trust_remote_code)
     if not resolved.evaluators:
         raise VlmkitError(f"{export / 'recipe.yaml'}: the recipe has no eval list; name held-out data entries of its "
                           f"data section with --data (defined: {', '.join(resolved.recipe.data)})")
@@ -286,7 +304,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise VlmkitError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, resolved = load_with_recipe(args.model, device=device, registry=_registry())
+    model, resolved = load_with_recipe(args.model, device=device, registry=_registry(),
+                                       trust_remote_code=args.trust_remote_code)
     chat = Chat(model, pick_template(model, resolved, args.template), image, examples, args.max_new_tokens)
     if args.question:
         for question in args.question:

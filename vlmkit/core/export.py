@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import shutil
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -49,7 +51,10 @@ ADAPTERS_FILE = "adapters.safetensors"
 ADAPTERS_CONFIG = "adapters.json"
 TOKENIZER_DIR = "tokenizer"
 EXPORT_JSON = "export.json"
+#: every file and folder an export writes; other files in an export folder are never touched
+EXPORT_FILES = (RECIPE_FILE, MODEL_FILE, ADAPTERS_FILE, ADAPTERS_CONFIG, TOKENIZER_DIR, EXPORT_JSON)
 _BASE = "base_layer"
+_LEFTOVER = re.compile(r"^\.(" + "|".join(re.escape(n) for n in EXPORT_FILES) + r")\.old-\d+$")
 
 
 # ------------------------------------------------------------------------------ the model's state
@@ -254,12 +259,52 @@ def _dtype_counts(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------ export
+def stale_entries(folder: Path) -> list[Path]:
+    """What an interrupted re-export leaves in export folder ``folder``: ``.<export file>.old-<pid>``."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if _LEFTOVER.match(p.name)) if folder.is_dir() else []
+
+
+def check_export_target(out_dir: Path) -> None:
+    """Refuse to export into an existing folder that holds files but is not a vlmkit export:
+    an export never deletes or overwrites files vlmkit did not write."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise VlmkitError(f"cannot export to '{out_dir}': it is a file, not a folder")
+    entries = [p for p in out_dir.iterdir() if not _LEFTOVER.match(p.name)]
+    if not entries:
+        return
+    meta_path = out_dir / EXPORT_JSON
+    try:
+        is_export = json.loads(meta_path.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        is_export = False
+    if not is_export:
+        raise VlmkitError(
+            f"cannot export to '{out_dir}': the folder holds files and is not a vlmkit export (no {EXPORT_JSON} of "
+            f"format '{FORMAT}'), and an export never replaces files it did not write; export to a new or empty "
+            "folder, or move those files away"
+        )
+
+
 def export_model(model: nn.Module, resolved: ResolvedRecipe, out_dir: Path, *, merge_lora: bool = True) -> Path:
-    """Write ``model`` (trained as ``resolved`` says) to the folder ``out_dir`` (atomically;
-    an existing folder is replaced). Returns ``out_dir``. ``model`` is not changed."""
+    """Write ``model`` (trained as ``resolved`` says) to the folder ``out_dir`` (atomically). Returns
+    ``out_dir``. ``model`` is not changed.
+
+    An existing vlmkit export there is replaced, but only the export's own files
+    (:data:`EXPORT_FILES`): files someone added to the folder stay. A folder that holds files and
+    is not a vlmkit export is refused (:class:`VlmkitError`), before anything is written."""
     import vlmkit
 
     out_dir = Path(out_dir)
+    check_export_target(out_dir)
+    for leftover in stale_entries(out_dir):  # an interrupted re-export's old files: vlmkit's own
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
     recipe = resolved.recipe
     tuners = _tuner_layers(model)
     base, adapters = _split_state(model, tuners)
@@ -321,7 +366,7 @@ def export_model(model: nn.Module, resolved: ResolvedRecipe, out_dir: Path, *, m
         "tokenizer": None if tokenizer is None else {"folder": TOKENIZER_DIR, "size": len(tokenizer), "new_token_ids": new_ids},
     }
     try:
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir, owned=EXPORT_FILES, last=EXPORT_JSON) as tmp:
             (tmp / RECIPE_FILE).write_text(resolved.to_yaml(), encoding="utf-8")
             save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt", "vlmkit_export": FORMAT})
             if adapter_weights:
@@ -420,11 +465,48 @@ def _inject_adapters(model: nn.Module, configs: Any, config_path: Path) -> None:
             raise VlmkitError(f"'{config_path}': components.{comp}: cannot re-inject the LoRA adapters: {exc}") from None
 
 
-def load(path: str | Path, *, device: str | torch.device | None = None, registry: Any = None) -> nn.Module:
+def load(
+    path: str | Path, *, device: str | torch.device | None = None, registry: Any = None, trust_remote_code: bool = False,
+) -> nn.Module:
     """Rebuild the model of an export folder (see :func:`export_model`) with its trained weights, in
     eval mode, on ``device`` (default: CPU). The backbones its recipe names must be reachable. Each
-    component has the dtype its recipe names (the exported fp32 weights are cast to it)."""
-    return load_with_recipe(path, device=device, registry=registry)[0]
+    component has the dtype its recipe names (the exported fp32 weights are cast to it).
+
+    ``trust_remote_code``: an export whose recipe sets ``trust_remote_code: true`` somewhere (a
+    ``pretrained`` folder or hub model that ships its own Python code) is loaded only when the caller
+    passes ``trust_remote_code=True``; the export's own setting is never consent. Without it such an
+    export is an error naming the field, before anything is loaded or run."""
+    return load_with_recipe(path, device=device, registry=registry, trust_remote_code=trust_remote_code)[0]
+
+
+def remote_code_requests(resolved: Any) -> list[str]:
+    """The recipe fields of ``resolved`` that ask for ``trust_remote_code`` (``model.decoder.trust_remote_code``
+    and the like), each with the source it would run code from when the config names one."""
+    found: list[str] = []
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{where}.{key}"
+                if key == "trust_remote_code" and item is True:
+                    sources = [f"{k}: {value[k]}" for k in ("pretrained", "tokenizer", "checkpoint", "model_name")
+                               if isinstance(value.get(k), str)]
+                    found.append(f"{path}: true" + (f" ({', '.join(sources)})" if sources else ""))
+                else:
+                    walk(item, path)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{where}[{i}]")
+
+    for kind, spec in resolved.components.items():
+        walk(spec.config.model_dump(), f"model.{kind}")
+    for alias, spec in resolved.datasets.items():
+        walk(spec.config.model_dump(), f"data.{alias}")
+    for alias, spec in resolved.templates.items():
+        walk(spec.config.model_dump(), f"data.{alias}.template")
+    for i, spec in enumerate(resolved.evaluators):
+        walk(spec.config.model_dump(), f"eval[{i}]")
+    return found
 
 
 #: the recipe sections ``load_with_recipe`` may override: where data is read and how it is evaluated
@@ -441,10 +523,13 @@ def find_export(path: str | Path) -> Path:
 
 def load_with_recipe(
     path: str | Path, *, device: str | torch.device | None = None, registry: Any = None, overrides: list[str] = (),
+    trust_remote_code: bool = False,
 ) -> tuple[nn.Module, Any]:
     """:func:`load`, and the export's resolved recipe. ``path``: an export folder or a run folder
     (its ``export/``). ``overrides``: ``--set`` style changes of the recipe's ``data`` and ``eval``
-    sections (e.g. to evaluate on other files); the model's own sections cannot change."""
+    sections (e.g. to evaluate on other files); the model's own sections cannot change.
+    ``trust_remote_code``: the caller's consent to run the code an export's recipe asks for (see
+    :func:`load`)."""
     from vlmkit.core.compose import build_model
     from vlmkit.core.recipe.loader import validate_mapping
     from vlmkit.core.recipe.merge import apply_override, parse_override
@@ -480,6 +565,13 @@ def load_with_recipe(
                               f"exported model (its model and training are fixed by {recipe_path})")
         apply_override(data, parts, value, text)
     resolved = validate_mapping(data, str(recipe_path), registry=registry, source=str(recipe_path), overrides=list(overrides))
+    requests = remote_code_requests(resolved)
+    if requests and trust_remote_code is not True:
+        raise VlmkitError(
+            f"'{recipe_path}' asks to run Python code shipped with the model ({'; '.join(requests)}); vlmkit never "
+            "runs an export's code on the export's own say-so. Read that code first; to allow it, pass "
+            "--trust-remote-code (recipes eval / chat) or trust_remote_code=True (vlmkit.load)"
+        )
     model = build_model(resolved, registry)
     tok_meta = meta.get("tokenizer")
     if isinstance(tok_meta, dict) and isinstance(tok_meta.get("size"), int):

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image
-
+from vlmkit.core.data.images import ImageDecodeError, read_image_file
 from vlmkit.core.data.lcl import IMAGE_SUFFIXES, QUESTION, display_name
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
 from vlmkit.core.errors import VlmkitError
@@ -30,20 +29,23 @@ class ClassFolders(Dataset):
     Config = ClassFoldersConfig
 
     def __init__(self, config: ClassFoldersConfig):
+        from vlmkit.core.data.build import current_where
+
         super().__init__(config)
+        self.where = where = current_where() or "class_folders"
         root = Path(config.root).expanduser()
         if not root.is_dir():
-            raise VlmkitError(f"class_folders.root: '{root}' is not a folder of class folders")
+            raise VlmkitError(f"{where}.root: '{root}' is not a folder of class folders")
         names = config.classes or sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         missing = [c for c in names if not (root / c).is_dir()]
         if missing:
-            raise VlmkitError(f"class_folders.classes: no folder {', '.join(repr(m) for m in missing)} in '{root}'")
+            raise VlmkitError(f"{where}.classes: no folder {', '.join(repr(m) for m in missing)} in '{root}'")
         self.root = root
         self.classes = [display_name(c) for c in names]
         self.items = [(f, display_name(c)) for c in names
                       for f in sorted((root / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
         if not self.items:
-            raise VlmkitError(f"class_folders.root: no pictures ({', '.join(IMAGE_SUFFIXES)}) in the class folders of '{root}'")
+            raise VlmkitError(f"{where}.root: no pictures ({', '.join(IMAGE_SUFFIXES)}) in the class folders of '{root}'")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -51,10 +53,9 @@ class ClassFolders(Dataset):
     def __getitem__(self, index: int) -> Record:
         file, name = self.items[index]
         try:
-            with Image.open(file) as img:
-                image = img.convert("RGB")
-        except OSError as exc:
-            raise VlmkitError(f"class_folders: picture '{file}' cannot be read: {exc}") from None
+            image = read_image_file(file)
+        except (OSError, ImageDecodeError) as exc:
+            raise VlmkitError(f"{self.where}: picture '{file}' cannot be read: {getattr(exc, 'reason', exc)}") from None
         rid = str(file.relative_to(self.root))
         return Record(id=rid, group="IMAGE_TEXT",
                       query=Exchange([Turn("user", QUESTION), Turn("assistant", name)], media=[Media(rid, [image])]))

@@ -48,6 +48,7 @@ __all__ = [
     "open_image_store",
     "decode_base64",
     "decode_image",
+    "read_image_file",
     "write_parquet_images",
     "rewrite_row_groups",
 ]
@@ -129,14 +130,34 @@ def decode_image(data: str | bytes, image_id: str, source: str | os.PathLike = "
             raise ValueError(f"expected base64 text, got {type(data).__name__}")
         if not raw:
             raise ValueError("empty")
-        with Image.open(io.BytesIO(raw)) as image:
-            image.load()
-            return image.convert("RGB")
+        return _rgb(io.BytesIO(raw))
     except ImageDecodeError:
         raise
     except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         reason = str(error) or type(error).__name__
         raise ImageDecodeError(image_id, source, reason) from error
+
+
+def read_image_file(path: str | os.PathLike, image_id: str | None = None) -> Image.Image:
+    """An image file -> an RGB PIL image, with the same checks as :func:`decode_image`: anything
+    PIL refuses (not an image, truncated, a decompression bomb larger than
+    ``PIL.Image.MAX_IMAGE_PIXELS`` allows) raises :class:`ImageDecodeError` (``image_id``: default
+    the path). A missing file raises ``FileNotFoundError``."""
+    path = Path(path)
+    try:
+        return _rgb(path)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        reason = str(error) or type(error).__name__
+        raise ImageDecodeError(str(path) if image_id is None else image_id, path, reason) from error
+
+
+def _rgb(source: Any) -> Image.Image:
+    """Open, fully decode and convert to RGB (``Image.open`` refuses decompression bombs)."""
+    with Image.open(source) as image:
+        image.load()
+        return image.convert("RGB")
 
 
 class _Store(ABC):

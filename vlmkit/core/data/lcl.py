@@ -42,12 +42,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image
 from pydantic import Field, PositiveInt, model_validator
 
 from vlmkit.core.data.lcl_neighbours import NeighboursConfig, class_embeddings, draw_negative, ranked_intervals, similarity_matrix
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
 from vlmkit.core.data.synthetic_concepts import invented_word
+from vlmkit.core.data.images import ImageDecodeError, read_image_file
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import Dataset, DatasetConfig
 
@@ -132,9 +132,11 @@ class LCLEpisodes(Dataset):
 
     Config = LCLEpisodesConfig
 
-    def __init__(self, config: LCLEpisodesConfig, where: str = "lcl dataset"):
+    def __init__(self, config: LCLEpisodesConfig, where: str | None = None):
+        from vlmkit.core.data.build import current_where
+
         super().__init__(config)
-        self.where = where
+        self.where = where = where or current_where() or "lcl dataset"
         root = Path(config.root).expanduser()
         if not root.is_dir():
             raise VlmkitError(f"{where}.root: '{root}' is not a folder of class folders")
@@ -183,7 +185,7 @@ class LCLEpisodes(Dataset):
     def intervals(self) -> list[list[list[int]]]:
         """Per class, the other classes ranked by similarity and cut into intervals."""
         cfg = self.config.neighbours
-        loaders = [[(lambda f=f: Image.open(f).convert("RGB")) for f in self.files[c]] for c in self.classes]
+        loaders = [[(lambda f=f: self._media(f).frames[0]) for f in self.files[c]] for c in self.classes]
         image, text = class_embeddings(cfg, [display_name(c) for c in self.classes], loaders, where=self.where,
                                        cache_key=str(self.root))
         sim = similarity_matrix(image, text, cfg.weights)
@@ -252,10 +254,9 @@ class LCLEpisodes(Dataset):
 
     def _media(self, file: Path) -> Media:
         try:
-            with Image.open(file) as img:
-                image = img.convert("RGB")
-        except OSError as exc:
-            raise VlmkitError(f"{self.where}: picture '{file}' cannot be read: {exc}") from None
+            image = read_image_file(file)
+        except (OSError, ImageDecodeError) as exc:
+            raise VlmkitError(f"{self.where}: picture '{file}' cannot be read: {getattr(exc, 'reason', exc)}") from None
         return Media(str(file.relative_to(self.root)), [image])
 
 

@@ -6,8 +6,10 @@ Every reader takes ``path`` (a JSON list or a JSONL file, one record per line; `
 Images are relative to ``image_folder`` (default: the folder of ``path``) and are opened lazily, as
 RGB PIL images, when a record is read.
 
-Bad records (a missing or unreadable image file, an empty answer or caption, a malformed
-conversation) are skipped by default (``on_error: skip``): problems visible in the JSON are found
+Bad records (a missing or unreadable image file, a decompression bomb included; an empty answer or
+caption; a malformed conversation; text that is not valid Unicode, such as a lone surrogate spelled
+``"\\ud800"``; an image path that is absolute or climbs out of ``image_folder`` with ``..``, unless
+``allow_outside_image_folder: true``) are skipped by default (``on_error: skip``): problems visible in the JSON are found
 when the file is loaded; an image that is missing or unreadable is found when its record is read,
 and ``dataset[i]`` then returns the next good record (``i + 1``, ``i + 2`` ... wrapping around),
 the same one on every call. :meth:`JsonRecords.error_report` lists the skipped records by
@@ -29,7 +31,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt
 
-from vlmkit.core.data.records import Exchange, Media, Record, Turn
+from vlmkit.core.data.build import current_where, field_name
+from vlmkit.core.data.images import ImageDecodeError, read_image_file
+from vlmkit.core.data.records import Exchange, Media, Record, Turn, printable, unencodable_text
 from vlmkit.core.data.skips import SkippingReads, skip_summary
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import Dataset, DatasetConfig
@@ -38,8 +42,11 @@ __all__ = ["LlavaConversations", "Captions", "TextOnly", "JsonRecords", "IMAGE_M
 
 IMAGE_MARKER = "<image>"
 
-#: the kinds of bad record, as :meth:`JsonRecords.error_report` names them
-PROBLEMS = ("missing_image", "unreadable_image", "empty_answer", "malformed")
+#: the kinds of bad record, as :meth:`JsonRecords.error_report` names them. ``bad_text``: a string
+#: that is not valid Unicode (a lone surrogate such as ``"\ud800"``, which JSON escapes can spell);
+#: ``outside_image_folder``: an absolute image path, or one that climbs out of ``image_folder`` with
+#: ``..`` (refused unless ``allow_outside_image_folder: true``)
+PROBLEMS = ("missing_image", "unreadable_image", "empty_answer", "malformed", "bad_text", "outside_image_folder")
 
 #: how many ids of each kind of problem the report keeps
 _FIRST_IDS = 5
@@ -69,6 +76,10 @@ class ImageDataConfig(TextDataConfig):
     image_folder: Path | None = Field(
         None, description="folder the records' image paths are relative to (default: the folder of `path`)"
     )
+    allow_outside_image_folder: bool = Field(
+        False, description="accept image paths that are absolute or climb out of image_folder with '..' "
+                           "(default: such a record is bad: outside_image_folder)"
+    )
 
 
 class CaptionsConfig(ImageDataConfig):
@@ -90,13 +101,15 @@ class JsonRecords(SkippingReads, Dataset):
         self.path = Path(config.path).expanduser()
         if not self.path.is_file():
             what = "is a folder, not a file" if self.path.is_dir() else "does not exist"
-            raise VlmkitError(f"{self.type_name} path: {str(self.path)!r} {what}{_where(self.path)}")
+            raise VlmkitError(f"{field_name('path', self.type_name)}: {str(self.path)!r} {what}{_where(self.path)}")
         folder = getattr(config, "image_folder", None)
         self.image_folder = Path(folder).expanduser() if folder is not None else self.path.parent
         if folder is not None and not self.image_folder.is_dir():
             what = "is a file, not a folder" if self.image_folder.exists() else "does not exist"
-            raise VlmkitError(f"{self.type_name} image_folder: {str(self.image_folder)!r} {what}"
+            raise VlmkitError(f"{field_name('image_folder', self.type_name)}: {str(self.image_folder)!r} {what}"
                               f"{_where(self.image_folder)}")
+        self._allow_outside = bool(getattr(config, "allow_outside_image_folder", False))
+        self._where = current_where()  # data.<alias> inside a run: names the option in messages
         self._fail = config.on_error == "fail"
         self._skipped: dict[str, list[str]] = {}  # kind -> ids dropped when loading
         self._items: list[tuple[str, Any]] = []  # (record id, prepared item)
@@ -108,6 +121,9 @@ class JsonRecords(SkippingReads, Dataset):
                     raise entry
                 if not isinstance(entry, dict):
                     raise _Bad("malformed", f"expected a JSON object, got {type(entry).__name__}")
+                bad_text = unencodable_text(entry)
+                if bad_text:
+                    raise _Bad("bad_text", bad_text)
                 item = self._parse(entry)
             except _Bad as bad:
                 self._problem(bad, rid)
@@ -125,7 +141,12 @@ class JsonRecords(SkippingReads, Dataset):
     def _entries(self) -> Iterator[tuple[int, Any]]:
         """``(position, entry)`` for each record of the file; a JSONL line that does not parse is
         a :class:`_Bad` entry."""
-        text = self.path.read_text(encoding="utf-8")
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise VlmkitError(f"{self.path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the file as UTF-8") from None
+        except OSError as exc:
+            raise VlmkitError(f"{self.path}: cannot read it ({exc.strerror or exc})") from None
         if self.path.suffix.lower() not in (".jsonl", ".ndjson"):
             try:
                 data = json.loads(text)
@@ -152,7 +173,7 @@ class JsonRecords(SkippingReads, Dataset):
 
     def _entry_id(self, entry: Any, position: int) -> str:
         if isinstance(entry, dict) and entry.get("id") not in (None, ""):
-            return str(entry["id"])
+            return printable(str(entry["id"]))
         return f"#{position}"
 
     @abstractmethod
@@ -163,17 +184,33 @@ class JsonRecords(SkippingReads, Dataset):
     def _record(self, rid: str, item: Any) -> Record:
         """A kept item -> its record, images read now (raises ``_Bad`` for a missing image)."""
 
-    def _load_image(self, relative: str) -> Any:
-        from PIL import Image, UnidentifiedImageError
+    def _image_path(self, entry: dict[str, Any], key: str = "image", required: bool = True) -> str | None:
+        """The entry's image path (relative to ``image_folder``): an absolute one, or one that
+        climbs out of the folder with ``..``, is an ``outside_image_folder`` record unless the
+        config's ``allow_outside_image_folder`` is set."""
+        value = _image_path(entry, key, required)
+        if value is None or self._allow_outside:
+            return value
+        if Path(value).is_absolute() or os.path.isabs(value) or value.startswith("~"):
+            how = "is absolute"
+        elif os.path.normpath(value).replace("\\", "/").split("/")[0] == "..":
+            how = "climbs out of the image folder with '..'"
+        else:
+            return value
+        option = f"{self._where}.allow_outside_image_folder" if self._where else "allow_outside_image_folder"
+        raise _Bad("outside_image_folder", f"'{key}' path {value!r} {how}; image paths are read relative to "
+                                           f"{self.image_folder} and must stay inside it (set {option}: true to "
+                                           "allow paths outside it)")
 
+    def _load_image(self, relative: str) -> Any:
         path = self.image_folder / relative
         if not path.is_file():
             raise _Bad("missing_image", f"image file not found: {path}")
         try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise _Bad("unreadable_image", f"image file {path} is not a readable image ({exc})") from None
+            return read_image_file(path)
+        except (OSError, ImageDecodeError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            raise _Bad("unreadable_image", f"image file {path} is not a readable image ({reason})") from None
 
     # --------------------------------------------------------------------------------- error policy
     def _problem(self, bad: _Bad, rid: str) -> None:
@@ -265,7 +302,7 @@ class LlavaConversations(JsonRecords):
     type_name = "llava"
 
     def _parse(self, entry: dict[str, Any]) -> Any:
-        image = _image_path(entry, required=False)
+        image = self._image_path(entry, required=False)
         conversation = entry.get("conversations")
         if not isinstance(conversation, list) or not conversation:
             raise _Bad("malformed", "'conversations' must be a non-empty list of {from, value} turns")
@@ -321,7 +358,7 @@ class Captions(JsonRecords):
         return super()._entry_id(entry, position)
 
     def _parse(self, entry: dict[str, Any]) -> Any:
-        image = _image_path(entry)
+        image = self._image_path(entry)
         if "captions" in entry:
             if "caption" in entry:
                 raise _Bad("malformed", "give 'caption' or 'captions', not both")

@@ -40,7 +40,8 @@ from typing import Any, Literal, NamedTuple
 from pydantic import NonNegativeInt, PositiveInt, model_validator
 
 from vlmkit.core.data.images import ImageStoreError, JsonImages, ParquetImages, open_image_store
-from vlmkit.core.data.records import Exchange, Media, Record, Turn
+from vlmkit.core.data.build import field_name
+from vlmkit.core.data.records import Exchange, Media, Record, Turn, unencodable_text
 from vlmkit.core.data.skips import SkippingReads, skip_summary
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import Dataset, DatasetConfig
@@ -48,7 +49,8 @@ from vlmkit.core.interfaces import Dataset, DatasetConfig
 __all__ = ["MimicIT", "MimicITConfig", "resample_frames", "ERROR_KINDS"]
 
 #: the kinds of bad record, in the order reports list them
-ERROR_KINDS = ("unknown_id", "malformed", "empty_answer", "unknown_context_id", "missing_image_id", "bad_image")
+ERROR_KINDS = ("unknown_id", "malformed", "empty_answer", "unknown_context_id", "missing_image_id", "bad_image",
+               "bad_text")
 _FRAME_SUFFIX = re.compile(r"_\d+$")
 
 
@@ -104,6 +106,7 @@ class _Entry(NamedTuple):
 
 class _Malformed(NamedTuple):
     reason: str
+    kind: str = "malformed"
 
 
 def _compact(record: dict, force: bool = False) -> Any:
@@ -121,6 +124,9 @@ def _compact(record: dict, force: bool = False) -> Any:
         return _Malformed("has 'image_ids' that are not a list of ids")
     if rel is None:
         return _Malformed("has 'rel_ins_ids' that are not a list of ids")
+    bad_text = unencodable_text({"instruction": instruction, "answer": answer or ""})
+    if bad_text:
+        return _Malformed(bad_text, "bad_text")
     return _Entry(instruction.strip(), (answer or "").strip(), image_ids, rel)
 
 
@@ -153,7 +159,7 @@ def _existing(path: Path, field: str) -> Path:
         return path
     where = f" (relative to the working directory {os.getcwd()})" if not path.is_absolute() else ""
     what = "is a directory, not a file" if path.is_dir() else "does not exist"
-    raise VlmkitError(f"mimicit {field}: {str(path)!r} {what}{where}")
+    raise VlmkitError(f"{field_name(field, 'mimicit')}: {str(path)!r} {what}{where}")
 
 
 def _read_json(path: Path, field: str, object_hook: Any = None) -> Any:
@@ -205,7 +211,7 @@ class MimicIT(SkippingReads, Dataset):
                 raise VlmkitError(f"mimicit images: {error}") from None
 
         self._entries: dict[str, _Entry] = {}
-        self._malformed: dict[str, str] = {}  # id -> what is wrong with it
+        self._malformed: dict[str, _Malformed] = {}  # id -> what is wrong with it
         order = self._load_instructions()
         queries = self._queries(order)
 
@@ -244,9 +250,9 @@ class MimicIT(SkippingReads, Dataset):
             if isinstance(record, _Entry):
                 self._entries[rid] = record
             elif isinstance(record, _Malformed):
-                self._malformed[rid] = record.reason
+                self._malformed[rid] = record
             else:
-                self._malformed[rid] = f"is a {type(record).__name__}, not an object"
+                self._malformed[rid] = _Malformed(f"is a {type(record).__name__}, not an object")
         return [str(rid) for rid in data]
 
     def _queries(self, order: list[str]) -> list[tuple[str, Any, Path]]:
@@ -266,7 +272,8 @@ class MimicIT(SkippingReads, Dataset):
         """The query's kept in-context ids, or :class:`_Bad` with the first problem found."""
         where = f"{self.instructions_path}: record {rid!r}"
         if rid in self._malformed:
-            raise _Bad("malformed", f"{where} {self._malformed[rid]}")
+            bad = self._malformed[rid]
+            raise _Bad(bad.kind, f"{where}: {bad.reason}" if bad.kind == "bad_text" else f"{where} {bad.reason}")
         entry = self._entries.get(rid)
         if entry is None:
             raise _Bad("unknown_id", f"{source}: record {rid!r} is not in {self.instructions_path}")
@@ -279,7 +286,9 @@ class MimicIT(SkippingReads, Dataset):
         kept = ids if cap is None or cap >= len(ids) else ids[len(ids) - cap :]  # cap 0: ()
         for cid in kept:
             if cid in self._malformed:
-                raise _Bad("malformed", f"{where}: in-context example {cid!r} {self._malformed[cid]}")
+                bad = self._malformed[cid]
+                sep = ": " if bad.kind == "bad_text" else " "
+                raise _Bad(bad.kind, f"{where}: in-context example {cid!r}{sep}{bad.reason}")
             example = self._entries.get(cid)
             if example is None:
                 raise _Bad("unknown_context_id", f"{source}: record {rid!r}: in-context id {cid!r} is not in {self.instructions_path}")

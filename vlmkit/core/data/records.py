@@ -66,3 +66,40 @@ class Record:
     query: Exchange
     context: list[Exchange] = field(default_factory=list)
     shared_media: bool = False
+
+
+def unencodable_text(value: Any, where: str = "") -> str | None:
+    """The first string in ``value`` (a JSON value: str, list, dict) that is not valid Unicode text
+    (a lone surrogate such as ``"\\ud800"``, which JSON escapes can spell but no tokenizer or UTF-8
+    file takes), described as ``"'<field>' holds ... at character N"``; ``None`` when every string
+    encodes. ``where`` names ``value`` (``caption``, ``conversations[1].value``)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            char = value[error.start]
+            return (f"'{where or 'text'}' holds an invalid character (lone surrogate U+{ord(char):04X}) at "
+                    f"character {error.start}; text must be valid Unicode (UTF-8)")
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = printable(str(key))
+            path = f"{where}.{name}" if where else name
+            if name != str(key):
+                return f"the field name '{path}' holds an invalid character (lone surrogate); text must be valid Unicode (UTF-8)"
+            found = unencodable_text(item, path)
+            if found:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = unencodable_text(item, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def printable(text: str) -> str:
+    """``text`` with anything that is not valid Unicode (lone surrogates) written as ``\\udXXX``
+    escapes, so that a message naming it can be printed."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

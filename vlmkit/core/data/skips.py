@@ -7,6 +7,8 @@ from collections.abc import Callable
 from multiprocessing.context import get_spawning_popen
 from typing import Any, TypeVar
 
+from vlmkit.core.data.records import printable
+
 T = TypeVar("T")
 
 
@@ -16,7 +18,7 @@ def skip_summary(label: str, report: dict[str, list[str]], max_ids: int = 5) -> 
     if not total:
         return ""
     kinds = ", ".join(f"{kind} {len(ids)}" for kind, ids in report.items())
-    first = [rid for ids in report.values() for rid in ids][:max_ids]
+    first = [printable(str(rid)) for ids in report.values() for rid in ids][:max_ids]
     more = ", ..." if total > len(first) else ""
     noun = "record" if total == 1 else "records"
     return f"{label}: skipped {total} {noun} ({kinds}): first ids {', '.join(first)}{more}"

@@ -25,6 +25,7 @@ micro-batch as passes over samples of similar length (:func:`vlmkit.core.data.co
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from tqdm.auto import tqdm
 
 from vlmkit.core.compose import IMAGE_TOKEN, VisionLanguageModel, build_model
+from vlmkit.core.data.build import build_dataset
 from vlmkit.core.data.collate import IGNORE, Collator, split_by_length
 from vlmkit.core.data.rendered import RenderedDataset
 from vlmkit.core.engine.features import FeatureCache, describe, encoder_fingerprint
@@ -104,11 +106,16 @@ def run(
     registry: Any = None,
     progress: bool = True,
     resume: bool | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Train ``resolved`` into ``output_dir``. ``resume``: None = resume when the folder holds
     checkpoints of the same recipe; True = resume (even if the recipe changed); False = refuse a
-    folder that holds checkpoints."""
-    return Engine(resolved, Path(output_dir), registry, progress).run(resume)
+    folder that holds checkpoints.
+
+    ``output_dir`` must be new, empty or a vlmkit run folder (:mod:`vlmkit.core.engine.run_folder`);
+    ``overwrite`` lets the run use another non-empty folder, moving aside (never deleting) whatever
+    sits at the paths a run writes."""
+    return Engine(resolved, Path(output_dir), registry, progress).run(resume, overwrite)
 
 
 def _recipe_body(text: str) -> str:
@@ -140,11 +147,19 @@ class Engine:
         self._use_cache = False  # the current stage passes the cache (its encoder is frozen)
         self._length_groups = 1  # the current stage's run.length_groups (1: whole micro-batches)
         self._passes = 0  # forward/backward passes of the current stage
+        self._reported: dict[tuple[str, str], str] = {}  # the data reports printed, to print each once
 
     # ------------------------------------------------------------------ the run
-    def run(self, resume: bool | None) -> RunResult:
+    def run(self, resume: bool | None, overwrite: bool = False) -> RunResult:
+        from vlmkit.core.engine.run_folder import check_run_folder, prepare_run_folder
+
         out = self.output_dir
-        existing = checkpoint_dirs(out)
+        folder_kind = check_run_folder(out, overwrite)  # someone's folder: refused before anything is written
+        existing = checkpoint_dirs(out) if folder_kind == "run" else []
+        if self.recipe.run.export and folder_kind == "run":
+            from vlmkit.core.export import check_export_target
+
+            check_export_target(out / "export")  # at the start, not after the training: export/ holds others' files
         state: LoadedState | None = None
         if existing and resume is not False:
             state = load_training_state(existing[-1])
@@ -160,8 +175,13 @@ class Engine:
         # before any model is built: the init_from files of the stages still to start
         check_init_from_files(self.resolved, from_stage=state.trainer.stage_index + 1 if state is not None else 0)
 
+        # the data files are read (and their errors, naming data.<alias>.<option>, raised) before any
+        # model is built or anything is written
+        records = {alias: build_dataset(self.registry, alias, spec) for alias, spec in self.resolved.datasets.items()}
+        self.accelerator.wait_for_everyone()  # every process has looked at the folder before it changes
         if self.main:
-            out.mkdir(parents=True, exist_ok=True)
+            for note in prepare_run_folder(out, folder_kind, self.recipe.name):
+                print(note, file=sys.stderr)
             (out / "recipe.yaml").write_text(self.resolved.to_yaml(), encoding="utf-8")
         from vlmkit.core.engine.run_log import RunLog
 
@@ -171,20 +191,17 @@ class Engine:
             model.decoder.enable_gradient_checkpointing()
         model.to(self.accelerator.device)
         self.datasets = {
-            alias: RenderedDataset(
-                self.registry.component_class("dataset", spec.name)(spec.config),
-                model.templates.get(alias),
-                model.decoder.tokenizer,
-                alias,
-            )
-            for alias, spec in self.resolved.datasets.items()
+            alias: RenderedDataset(records[alias], model.templates.get(alias), model.decoder.tokenizer, alias)
+            for alias in self.resolved.datasets
         }
         stages = self.recipe.stages
         results: list[StageResult] = []
         start, mid_stage = 0, None
+        # metrics.jsonl keeps only the steps of the checkpoint resumed from (none: a fresh start, e.g.
+        # after a kill before the first checkpoint), so no step is logged twice
+        self.log.truncate_after(state.trainer.global_step if state is not None else 0)
         if state is not None:
             start, mid_stage = self._restore(model, state)
-            self.log.truncate_after(state.trainer.global_step)
             for k in range(start):
                 results.append(StageResult(stages[k].name, len(state.trainer.losses.get(stages[k].name, [])),
                                            list(state.trainer.losses.get(stages[k].name, []))))
@@ -487,16 +504,20 @@ class Engine:
         """What the data pipeline skipped or shortened in this stage (bad records, long samples)."""
         if not self.main:
             return
-        lines = [f"{p.alias}: {p.summary()}" for p in parts if p.summary()]
+        # a dataset's summary counts every record it skipped in the run; the max_length line, this stage's
+        lines = {("data", p.alias): f"{p.alias}: {p.summary()}" for p in parts if p.summary()}
         stats = collator.stats
         if stats.get("dropped_examples") or stats.get("dropped_samples"):
             line = (f"max_length {stage.max_length}: {stats.get('truncated_samples', 0)} samples lost "
                     f"{stats.get('dropped_examples', 0)} in-context examples")
             if stats.get("dropped_samples"):
                 line += f"; {stats['dropped_samples']} samples left out (e.g. {', '.join(collator.dropped_ids)})"
-            lines.append(line)
-        for line in lines:
-            tqdm.write(f"stage {stage.name} data: {line}")
+            lines[("max_length", stage.name)] = line
+        # called at each epoch's end and at the stage's end: a report is printed again only when it changed
+        for key, line in lines.items():
+            if self._reported.get(key) != line:
+                self._reported[key] = line
+                tqdm.write(f"stage {stage.name} data: {line}")
 
     def _step(
         self, wrapped: Any, stage: StageSpec, micro: list[dict[str, Any]], step: int,

@@ -31,7 +31,9 @@ def run_evaluations(
         registry = get_registry()
     evaluators = [registry.component_class("evaluator", spec.name)(spec.config) for spec in resolved.evaluators]
     aliases = list(dict.fromkeys(a for ev in evaluators for a in ev.data_aliases()))
-    datasets = {a: registry.component_class("dataset", resolved.datasets[a].name)(resolved.datasets[a].config) for a in aliases}
+    from vlmkit.core.data.build import build_dataset
+
+    datasets = {a: build_dataset(registry, a, resolved.datasets[a]) for a in aliases}
     folder = Path(output_dir) / EVAL_DIR / label
     context = EvalContext(datasets=datasets, templates=dict(model.templates), output_dir=folder, label=label,
                           progress=progress)
