@@ -215,3 +215,25 @@ def test_token_position_embeddings_make_the_perceiver_see_where_tokens_are():
     assert not torch.allclose(placed(feats, num_frames=2), placed(feats[:, perm], num_frames=2), atol=1e-3)
     with pytest.raises(VlmkitError, match="max_num_tokens: the encoder gives 18 tokens per frame"):
         placed(feats, num_frames=1)
+
+
+def test_latent_init_std_scales_the_latents_and_lets_the_image_through():
+    """OpenFlamingo's unit-variance latents dominate what the first layers read from the image;
+    ``latent_init_std`` scales them (default 1.0: unchanged)."""
+    torch.manual_seed(0)
+    default = PerceiverResampler(PerceiverConfig(width_in=64, width_out=64, num_latents=256, depth=1, heads=2, dim_head=16))
+    torch.manual_seed(0)
+    small = PerceiverResampler(PerceiverConfig(width_in=64, width_out=64, num_latents=256, depth=1, heads=2, dim_head=16,
+                                               latent_init_std=0.02))
+    assert abs(default.latents.std().item() - 1.0) < 0.02
+    torch.testing.assert_close(small.latents, default.latents * 0.02)
+    x = torch.randn(6, 9, 64)
+
+    def spread(p):  # mean distance of each image's output to the images' mean, relative to the output's norm
+        with torch.no_grad():
+            out = p(x)
+        return ((out - out.mean(0)).norm(dim=-1).mean() / out.norm(dim=-1).mean()).item()
+
+    assert spread(small) > 3 * spread(default)
+    with pytest.raises(Exception, match="latent_init_std"):
+        PerceiverConfig(latent_init_std=0.0)

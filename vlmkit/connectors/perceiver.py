@@ -21,12 +21,12 @@ Frames are merged into the keys of one sequence, as OpenFlamingo does.
 from __future__ import annotations
 
 import torch
-from pydantic import PositiveInt
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.interfaces import Connector, ConnectorConfig
+from vlmkit.core.interfaces import Connector, ConnectorConfig, Layers, Size
 
 __all__ = ["PerceiverConfig", "PerceiverResampler"]
 
@@ -34,23 +34,27 @@ __all__ = ["PerceiverConfig", "PerceiverResampler"]
 class PerceiverConfig(ConnectorConfig):
     """Recipe section ``model.connector`` for ``name: perceiver``. Defaults are Flamingo's."""
 
-    num_latents: PositiveInt = 64
+    num_latents: Size = 64
     """Learned latents, i.e. output tokens per image (or per clip of frames)."""
-    depth: PositiveInt = 6
+    depth: Layers = 6
     """Number of resampler layers (attention + feed-forward each)."""
-    heads: PositiveInt = 8
+    heads: Size = 8
     """Attention heads per layer."""
-    dim_head: PositiveInt = 64
+    dim_head: Size = 64
     """Width of each head; the attention works at ``heads * dim_head`` inside."""
-    ff_mult: PositiveInt = 4
+    ff_mult: Size = 4
     """Hidden width of the feed-forward block, as a multiple of ``width_in``."""
-    max_num_frames: PositiveInt | None = None
+    latent_init_std: float = Field(1.0, gt=0.0, le=10.0)
+    """Standard deviation of the learned latents at initialisation. OpenFlamingo's 1.0 gives latents of
+    norm about sqrt(width), large next to the first layers' updates that read the image; a small value
+    (e.g. 0.02) makes the output depend on the image from the first step."""
+    max_num_frames: Size | None = None
     """Learned frame embeddings for up to this many frames per image (video); none: no frame
     embeddings (frames, if any, are still merged into one sequence)."""
-    max_num_media: PositiveInt | None = None
+    max_num_media: Size | None = None
     """Learned media-time embeddings for up to this many images per sample, indexed by each image's
     position in its sample; none: no media-time embeddings."""
-    max_num_tokens: PositiveInt | None = None
+    max_num_tokens: Size | None = None
     """Learned token-position embeddings for up to this many tokens per frame, added to each encoder
     token by its index (the perceiver is otherwise blind to where a token sits). For encoders whose
     tokens carry no position of their own, such as CNN feature maps; none (OpenFlamingo: CLIP's
@@ -117,7 +121,7 @@ class PerceiverResampler(Connector):
     def __init__(self, config: PerceiverConfig):
         super().__init__(config)
         d = self.width_in
-        self.latents = nn.Parameter(torch.randn(config.num_latents, d))  # (Q, d)
+        self.latents = nn.Parameter(torch.randn(config.num_latents, d) * config.latent_init_std)  # (Q, d)
         self.frame_embeddings = (
             nn.Parameter(torch.randn(config.max_num_frames, d)) if config.max_num_frames is not None else None
         )  # (max_num_frames, d)
