@@ -200,6 +200,10 @@ class Engine:
         # metrics.jsonl keeps only the steps of the checkpoint resumed from (none: a fresh start, e.g.
         # after a kill before the first checkpoint), so no step is logged twice
         self.log.truncate_after(state.trainer.global_step if state is not None else 0)
+        if self.main:  # the same for evaluations during training: the steps still to come are evaluated anew
+            from vlmkit.core.evaluation.curve import drop_step_evaluations_after
+
+            drop_step_evaluations_after(out, state.trainer.global_step if state is not None else 0)
         if state is not None:
             start, mid_stage = self._restore(model, state)
             for k in range(start):
@@ -220,6 +224,10 @@ class Engine:
         release_new_token_rows(model.decoder)  # the tables hold the trained rows
         if self.recipe.eval:
             evaluations["after"] = self._evaluate(model, "after", reuse=complete_before)
+            if self.main and self.recipe.run.eval_every:
+                from vlmkit.core.evaluation.curve import write_learning_curve
+
+                write_learning_curve(out, self.global_step)
         export = None
         if self.main and self.recipe.run.export:
             from vlmkit.core.export import export_model
@@ -254,6 +262,27 @@ class Engine:
                                           progress=self.progress)
         self.accelerator.wait_for_everyone()
         return results
+
+    def _evaluate_during(self, model: VisionLanguageModel, report: dict[str, dict[str, int]]) -> None:
+        """``run.eval_every``: the eval list at this global step (label ``step-<n>``). The training's
+        random state and modes are put back, so the steps after it are the same as without it."""
+        from vlmkit.core.evaluation.curve import step_label
+
+        rng = capture_rng()
+        model.eval()
+        try:
+            self._evaluate(model, step_label(self.global_step), reuse=False)
+        finally:
+            self._train_mode(model, report)
+            restore_rng(*rng)
+
+    @staticmethod
+    def _train_mode(model: VisionLanguageModel, report: dict[str, dict[str, int]]) -> None:
+        """Training mode, except that frozen parts keep BatchNorm statistics and run no dropout."""
+        model.train()
+        for comp, counts in report.items():
+            if comp in model.component_names and counts["trainable"] == 0:
+                getattr(model, comp).eval()
 
     def _restore(self, model: VisionLanguageModel, state: LoadedState) -> tuple[int, LoadedState | None]:
         """Rebuild the trainable structure of every stage up to the checkpoint's (LoRA adapters are
@@ -335,10 +364,7 @@ class Engine:
         if rows is not None:
             rows.rebind()  # prepare may copy the model's tensors (to "cpu:0" on several CPU processes)
         self._wrapped = wrapped
-        model.train()
-        for comp, counts in report.items():  # frozen parts keep BatchNorm statistics, run no dropout
-            if comp in model.component_names and counts["trainable"] == 0:
-                getattr(model, comp).eval()
+        self._train_mode(model, report)
         loader = DataLoader(
             data, batch_sampler=sampler, collate_fn=collator, num_workers=self.recipe.run.num_workers,
             generator=torch.Generator(),  # never draw from the global generator (exact resume)
@@ -375,6 +401,9 @@ class Engine:
                     })
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", sps=f"{n_samples / elapsed:.1f}")
                 bar.update(1)
+                every = self.recipe.run.eval_every
+                if every and self.recipe.eval and step % every == 0 and step < total:
+                    self._evaluate_during(model, report)
                 every = self.recipe.run.checkpoint_every
                 if every and step % every == 0 and step < total:
                     self._save(model, optimizer, scheduler, scaler, k, step, consumed, False)

@@ -256,6 +256,10 @@ class RunSpec(Strict):
     """Data-loading worker processes per training process."""
     eval_before: bool = False
     """Also run the recipe's ``eval`` list on the untrained model, and print before/after tables."""
+    eval_every: PositiveInt | None = Field(None, le=MAX_STEPS)
+    """Also run the recipe's ``eval`` list every this many optimizer steps of every stage (results in
+    ``eval/step-<global step>/``) and draw ``learning_curve.png``: each evaluator's values against
+    the global step, with ``before`` and ``after``. Each evaluation costs what ``after`` costs."""
     cache_features: bool = False
     """Compute a frozen encoder's features once per image and keep them in memory for the run:
     keyed by a content hash of the preprocessed frame (and the autocast dtype), dropped when the
