@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vlmkit.core.data import demo
+from vlmkit.demo import data as demo
 from vlmkit.core.errors import VlmkitError
 
 SIZE = "tiny"
@@ -530,7 +530,7 @@ def test_questions_are_worded_alike_whatever_the_scene(small) -> None:
 
 # --------------------------------------------------------------------------------------- captions
 def test_captions_read_with_the_captions_reader(written, images) -> None:
-    from vlmkit.core.data.llava import Captions
+    from vlmkit.datasets.llava import Captions
 
     root, manifest = written
     for name in ("captions.json", "captions_eval.json"):
@@ -572,7 +572,7 @@ def test_manifest_and_readme(written) -> None:
 
 def test_recipe_entries_build_and_read(written) -> None:
     """Every recipe entry constructs through the registry and yields a record."""
-    pytest.importorskip("vlmkit.core.data.mimicit")
+    pytest.importorskip("vlmkit.datasets.mimicit")
     from vlmkit.core.registry import get_registry
 
     root, _ = written

@@ -14,7 +14,7 @@ from vlmkit.core.compose import build_model
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
 from vlmkit.core.engine import run
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.evaluation import instructions as instructions_module
+from vlmkit.evaluators import instructions as instructions_module
 from vlmkit.core.evaluation.generation import generate, split_prompt
 from vlmkit.core.evaluation.runner import run_evaluations
 from vlmkit.core.evaluation.scoring import exact_match, normalize

@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 
 from vlmkit.core.compose import build_model
-from vlmkit.core.data.class_folders import ClassFolders, ClassFoldersConfig
+from vlmkit.datasets.class_folders import ClassFolders, ClassFoldersConfig
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.evaluation import fewshot as fewshot_module
-from vlmkit.core.evaluation.fewshot import FewShotConfig, FewShotEvaluator
+from vlmkit.evaluators import fewshot as fewshot_module
+from vlmkit.evaluators.fewshot import FewShotConfig, FewShotEvaluator
 from vlmkit.core.evaluation.scoring import cider_d, vqa_accuracy, vqa_normalize
 from vlmkit.core.interfaces import EvalContext
 from vlmkit.core.recipe.loader import load_recipe

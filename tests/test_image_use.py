@@ -18,7 +18,7 @@ from PIL import Image
 from vlmkit.core.compose import build_model
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
 from vlmkit.core.errors import RecipeError, VlmkitError
-from vlmkit.core.evaluation.image_use import (
+from vlmkit.evaluators.image_use import (
     CONDITIONS,
     ImageUseConfig,
     ImageUseEvaluator,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmkit.core.data.llava import Captions, LlavaConversations, TextOnly
+from vlmkit.datasets.llava import Captions, LlavaConversations, TextOnly
 from vlmkit.core.data.records import Record
 from vlmkit.core.errors import VlmkitError
 

@@ -32,7 +32,7 @@ from vlmkit.core.data.images import (
     rewrite_row_groups,
     write_parquet_images,
 )
-from vlmkit.core.data.mimicit import MimicIT, MimicITConfig, resample_frames
+from vlmkit.datasets.mimicit import MimicIT, MimicITConfig, resample_frames
 from vlmkit.core.data.records import Record
 from vlmkit.core.errors import VlmkitError
 

@@ -25,11 +25,11 @@ from PIL import Image
 
 from vlmkit.core.data.collate import IGNORE, Collator
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
-from vlmkit.core.data.templates.llava import VicunaV1Template
-from vlmkit.core.data.templates.mplug_owl import MplugOwlTemplate
+from vlmkit.templates.llava import VicunaV1Template
+from vlmkit.templates.mplug_owl import MplugOwlTemplate
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.evaluation import fewshot as fewshot_module
-from vlmkit.core.evaluation.fewshot import FewShotConfig, FewShotEvaluator
+from vlmkit.evaluators import fewshot as fewshot_module
+from vlmkit.evaluators.fewshot import FewShotConfig, FewShotEvaluator
 from vlmkit.core.evaluation.scoring import vqa_accuracy, vqa_normalize
 from vlmkit.core.interfaces import EvalContext, Preprocess, Sample
 from vlmkit.decoders.byte_tokenizer import byte_level_tokenizer
@@ -63,7 +63,7 @@ PER_ITEM = {"1": 3.1651130764667332, "2": 3.2098205928725547, "3": 3.76202572227
 
 
 def test_item10_captioning_scores_cider_against_every_reference_caption(tmp_path, monkeypatch):
-    from vlmkit.core.data.llava import Captions, CaptionsConfig
+    from vlmkit.datasets.llava import Captions, CaptionsConfig
 
     entries = [{"id": k, "image": _picture(tmp_path, f"{k}.png", 60 * int(k)), "captions": refs} for k, refs in GTS.items()]
     (tmp_path / "caps.json").write_text(json.dumps(entries))
@@ -100,7 +100,7 @@ def test_item10_captioning_scores_cider_against_every_reference_caption(tmp_path
 
 
 def _vqa_data(tmp_path: Path) -> list:
-    from vlmkit.core.data.llava import ImageDataConfig, LlavaConversations
+    from vlmkit.datasets.llava import ImageDataConfig, LlavaConversations
 
     humans = ["2", "2", "two", "3", "3", "3", "3", "3", "3", "3"]
     entries = []

@@ -21,11 +21,11 @@ from pydantic import ValidationError
 
 from vlmkit.core.data.collate import IGNORE, Collator
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
-from vlmkit.core.data.templates.chat_template import ChatTemplate
-from vlmkit.core.data.templates.lcl import LCL_SYSTEM, LCLTemplate
-from vlmkit.core.data.templates.llava import VICUNA_SYSTEM, LlavaPlainTemplate, VicunaV1Template
-from vlmkit.core.data.templates.mplug_owl import MPLUG_SYSTEM, MplugOwlTemplate
-from vlmkit.core.data.templates.otter import OtterTemplate
+from vlmkit.templates.chat_template import ChatTemplate
+from vlmkit.lcl.template import LCL_SYSTEM, LCLTemplate
+from vlmkit.templates.llava import VICUNA_SYSTEM, LlavaPlainTemplate, VicunaV1Template
+from vlmkit.templates.mplug_owl import MPLUG_SYSTEM, MplugOwlTemplate
+from vlmkit.templates.otter import OtterTemplate
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import Preprocess, Sample, Template
 from vlmkit.core.registry import get_registry

@@ -221,7 +221,7 @@ def _expand_placeholders(node: Any, recipe_dir: Path, source: str, loc: tuple[st
 
     - ``${recipe_dir}``: the recipe file's folder;
     - ``${demo_data}``: the demo MIMIC-IT data in the user's cache, written on first use;
-    - ``${lcl_data}``: the synthetic ISEKAI-like concepts (:mod:`vlmkit.core.data.synthetic_concepts`),
+    - ``${lcl_data}``: the synthetic ISEKAI-like concepts (:mod:`vlmkit.lcl.synthetic_concepts`),
       written to the cache on first use;
     - ``${data_root}``: where a user keeps real data sets (MIMIC-IT, LLaVA, captions):
       ``$VLMKIT_DATA_ROOT``, else ``./data`` (the ``paper`` profiles read from there);
@@ -239,11 +239,11 @@ def _expand_placeholders(node: Any, recipe_dir: Path, source: str, loc: tuple[st
         if name == "recipe_dir":
             return str(recipe_dir)
         if name == "demo_data":
-            from vlmkit.core.data.demo import demo_data_dir
+            from vlmkit.demo.data import demo_data_dir
 
             return str(demo_data_dir())
         if name == "lcl_data":
-            from vlmkit.core.data.synthetic_concepts import concepts_data_dir
+            from vlmkit.lcl.synthetic_concepts import concepts_data_dir
 
             return str(concepts_data_dir())
         if name == "data_root":
