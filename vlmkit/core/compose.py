@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from vlmkit.core.errors import RecipeError, VlmkitError
-from vlmkit.core.interfaces import Connector, Fusion, LanguageDecoder, VisionEncoder
+from vlmkit.core.interfaces import IMAGE_TOKEN, Connector, Fusion, LanguageDecoder, VisionEncoder
 from vlmkit.core.recipe.loader import ResolvedRecipe
 
-IMAGE_TOKEN = "<image>"
+__all__ = ["IMAGE_TOKEN", "VisionLanguageModel", "build_model"]
 
 
 class VisionLanguageModel(nn.Module):

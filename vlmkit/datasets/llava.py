@@ -36,20 +36,16 @@ from vlmkit.core.data.images import ImageDecodeError, read_image_file
 from vlmkit.core.data.records import Exchange, Media, Record, Turn, printable, unencodable_text
 from vlmkit.core.data.skips import SkippingReads, skip_summary
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.interfaces import Dataset, DatasetConfig
+from vlmkit.core.interfaces import IMAGE_TOKEN, Dataset, DatasetConfig
 
-__all__ = ["LlavaConversations", "Captions", "TextOnly", "JsonRecords", "IMAGE_MARKER", "PROBLEMS"]
+__all__ = ["LlavaConversations", "Captions", "TextOnly", "JsonRecords", "PROBLEMS"]
 
-IMAGE_MARKER = "<image>"
 
 #: the kinds of bad record, as :meth:`JsonRecords.error_report` names them. ``bad_text``: a string
 #: that is not valid Unicode (a lone surrogate such as ``"\ud800"``, which JSON escapes can spell);
 #: ``outside_image_folder``: an absolute image path, or one that climbs out of ``image_folder`` with
 #: ``..`` (refused unless ``allow_outside_image_folder: true``)
 PROBLEMS = ("missing_image", "unreadable_image", "empty_answer", "malformed", "bad_text", "outside_image_folder")
-
-#: how many ids of each kind of problem the report keeps
-_FIRST_IDS = 5
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -322,14 +318,14 @@ class LlavaConversations(JsonRecords):
         for k, (role, text) in enumerate(turns):
             if role == "assistant" and not text.strip():
                 raise _Bad("empty_answer", f"turn {k} (gpt) is empty")
-            if IMAGE_MARKER in text and (k != 0 or image is None):
+            if IMAGE_TOKEN in text and (k != 0 or image is None):
                 where = "a record without image" if image is None else f"turn {k}"
-                raise _Bad("malformed", f"{IMAGE_MARKER} marker in {where}")
+                raise _Bad("malformed", f"{IMAGE_TOKEN} marker in {where}")
         first = turns[0][1]
-        if first.count(IMAGE_MARKER) > 1:
-            raise _Bad("malformed", f"more than one {IMAGE_MARKER} marker in the first human turn")
-        if IMAGE_MARKER in first:
-            before, after = first.split(IMAGE_MARKER)
+        if first.count(IMAGE_TOKEN) > 1:
+            raise _Bad("malformed", f"more than one {IMAGE_TOKEN} marker in the first human turn")
+        if IMAGE_TOKEN in first:
+            before, after = first.split(IMAGE_TOKEN)
             before, after = before.strip(), after.strip()
             first = f"{before}\n{after}" if before and after else before or after
             turns[0] = ("user", first)
@@ -389,8 +385,8 @@ class TextOnly(JsonRecords):
         answer = _text(entry, "answer")
         if not answer.strip():
             raise _Bad("empty_answer", "the answer is empty")
-        if IMAGE_MARKER in instruction or IMAGE_MARKER in answer:
-            raise _Bad("malformed", f"{IMAGE_MARKER} marker in a text-only record")
+        if IMAGE_TOKEN in instruction or IMAGE_TOKEN in answer:
+            raise _Bad("malformed", f"{IMAGE_TOKEN} marker in a text-only record")
         return instruction, answer
 
     def _record(self, rid: str, item: Any) -> Record:
