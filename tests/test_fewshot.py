@@ -45,7 +45,7 @@ def test_vqa_accuracy_and_normalisation():
 
 def _record(rid, colour, answer, question="What is it?"):
     img = Image.new("RGB", (32, 32), colour)
-    return Record(id=rid, group="IMAGE_TEXT", query=Exchange([Turn("user", question), Turn("assistant", answer)], [Media(rid, [img])]))
+    return Record(id=rid, query=Exchange([Turn("user", question), Turn("assistant", answer)], [Media(rid, [img])]))
 
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "white": (250, 250, 250),
@@ -131,7 +131,7 @@ def test_class_folders_and_errors(tmp_path, model):
     cfg = FewShotConfig(task="vqa", support="support", query="query", shots=[8])
     with pytest.raises(VlmkitError, match="needs 8 demonstrations"):
         FewShotEvaluator(cfg).evaluate(model, _context(tmp_path, ds, ds))
-    text_only = Record(id="t", group="TEXT_ONLY", query=Exchange([Turn("user", "q"), Turn("assistant", "a")]))
+    text_only = Record(id="t", query=Exchange([Turn("user", "q"), Turn("assistant", "a")]))
     with pytest.raises(VlmkitError, match="no picture"):
         FewShotEvaluator(FewShotConfig(task="vqa", support="support", query="query", shots=[1])).evaluate(
             model, _context(tmp_path, [text_only] * 3, [text_only]))

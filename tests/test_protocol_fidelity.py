@@ -221,7 +221,7 @@ def _vicuna_record() -> Record:
     # an in-context round makes "USER: " and "Where ..." separate segments (the unit's edge)
     context = Exchange([Turn("user", "What is it?"), Turn("assistant", "A red square.")], media=[_image(1)])
     query = Exchange([Turn("user", "Where is the cat?"), Turn("assistant", "On the mat.")], media=[])
-    return Record(id="r", group="IMAGE_TEXT", query=query, context=[context])
+    return Record(id="r", query=query, context=[context])
 
 
 def _encode(tok, sample: Sample) -> tuple[list[int], list[int]]:
@@ -283,8 +283,7 @@ def test_item11_a_token_straddling_the_join_is_trained_whole():
     # mplug_owl writes "\nAI: " (untrained) then "A red square.</s>": the whole text's token 'ĠA'
     # starts in the prompt; it carries the answer's first character, so it is trained
     tok = _bpe_tokenizer()
-    record = Record(id="m", group="IMAGE_TEXT",
-                    query=Exchange([Turn("user", "What is it?"), Turn("assistant", "A red square.")], media=[_image(2)]))
+    record = Record(id="m", query=Exchange([Turn("user", "What is it?"), Turn("assistant", "A red square.")], media=[_image(2)]))
     sample = MplugOwlTemplate(MplugOwlTemplate.Config(system="S.")).render(record, tok)
     text = "".join(t for t, _ in sample.segments)
     ids, labels = _encode(tok, sample)
@@ -299,8 +298,7 @@ def test_item11_generation_prompts_end_where_the_training_context_does():
     from vlmkit.core.evaluation.generation import split_prompt
 
     tok = _bpe_tokenizer()
-    mplug = Record(id="m", group="IMAGE_TEXT",
-                   query=Exchange([Turn("user", "What is it?"), Turn("assistant", "A red square.")], media=[_image(3)]))
+    mplug = Record(id="m", query=Exchange([Turn("user", "What is it?"), Turn("assistant", "A red square.")], media=[_image(3)]))
     samples = [MplugOwlTemplate(MplugOwlTemplate.Config(system="S.")).render(mplug, tok),
                VicunaV1Template(VicunaV1Template.Config(system="")).render(_vicuna_record(), tok)]
     for sample in samples:

@@ -75,7 +75,7 @@ def ex(*texts: str, media: list[Media] | None = None) -> Exchange:
 
 
 def record(query: Exchange, context: list[Exchange] | None = None, shared: bool = False, rid: str = "rec-1") -> Record:
-    return Record(id=rid, group="IMAGE_TEXT", query=query, context=list(context or []), shared_media=shared)
+    return Record(id=rid, query=query, context=list(context or []), shared_media=shared)
 
 
 def by_pieces(sample: Sample, tok) -> tuple[str, str]:

@@ -66,10 +66,12 @@ class VlmkitHookSpecs:
     def register_evaluators(self, register):
         """Register evaluators (:class:`vlmkit.core.interfaces.Evaluator`): the entries of a
         recipe's ``eval`` list (``type: <name>`` plus the options of the evaluator's ``Config``, a
-        subclass of :class:`~vlmkit.core.interfaces.EvaluatorConfig`). An evaluator gets an
-        :class:`~vlmkit.core.interfaces.EvalContext` (the model, the recipe's datasets, the run
-        folder) and returns an :class:`~vlmkit.core.interfaces.EvalResult`; ``data_aliases()``
-        names the datasets it reads, checked against the recipe's ``data`` section."""
+        subclass of :class:`~vlmkit.core.interfaces.EvaluatorConfig`). ``evaluate(model, context)``
+        gets the model and an :class:`~vlmkit.core.interfaces.EvalContext` (the recipe's datasets
+        and their templates, a folder for extra files, the evaluation's label) and returns an
+        :class:`~vlmkit.core.interfaces.EvalResult`; ``data_aliases()`` names the datasets it
+        reads, checked against the recipe's ``data`` section. ``Evaluator``, ``EvaluatorConfig``,
+        ``EvalContext`` and ``EvalResult`` are importable from ``vlmkit``."""
 
     @hookspec
     def register_recipe_placeholders(self, register):

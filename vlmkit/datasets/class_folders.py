@@ -66,5 +66,4 @@ class ClassFolders(Dataset):
         except (OSError, ImageDecodeError) as exc:
             raise VlmkitError(f"{self.where}: picture '{file}' cannot be read: {getattr(exc, 'reason', exc)}") from None
         rid = str(file.relative_to(self.root))
-        return Record(id=rid, group="IMAGE_TEXT",
-                      query=Exchange([Turn("user", QUESTION), Turn("assistant", name)], media=[Media(rid, [image])]))
+        return Record(id=rid, query=Exchange([Turn("user", QUESTION), Turn("assistant", name)], media=[Media(rid, [image])]))

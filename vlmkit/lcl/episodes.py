@@ -244,7 +244,7 @@ class LCLEpisodes(Dataset):
         context = [Exchange([Turn("user", QUESTION), Turn("assistant", label)], media=[self._media(f)], id=f"ex{i}")
                    for i, ((f, _), label) in enumerate(zip(support, labels))]
         query = Exchange([Turn("user", QUESTION), Turn("assistant", answer)], media=[self._media(query_file)], id="query")
-        record = Record(id=f"lcl-{index:06d}", group="IMAGE_TEXT_IN_CONTEXT", query=query, context=context)
+        record = Record(id=f"lcl-{index:06d}", query=query, context=context)
         return Episode(record, pos_name, neg_name, answer, other, labels, truth, pos, neg, interval)
 
     def _media(self, file: Path) -> Media:
