@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from vlmkit.core.data.collate import image_to_tensor
-from vlmkit.core.data.synthetic_concepts import concepts_data_dir
+from vlmkit.lcl.synthetic_concepts import concepts_data_dir
 from vlmkit.core.registry import get_registry
 
 

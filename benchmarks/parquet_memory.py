@@ -107,7 +107,7 @@ def child(case: str, folder: Path) -> dict:
     from vlmkit.core.data.images import JsonImages, ParquetImages, decode_image
 
     if case == "mimicit":
-        from vlmkit.core.data.mimicit import MimicIT, MimicITConfig
+        from vlmkit.datasets.mimicit import MimicIT, MimicITConfig
     import pyarrow.parquet as pq
 
     baseline = peak_rss_mib()

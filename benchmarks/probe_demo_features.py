@@ -20,7 +20,7 @@ every type for every pooling, the best of them (the type's feature ceiling) and 
 reaches ``--goal`` (0.95), with the held-out answers' spread (distinct answers, majority share:
 what answering without the image reaches at best).
 
-By default the data are generated in memory (:func:`vlmkit.core.data.demo.build_demo`, the
+By default the data are generated in memory (:func:`vlmkit.demo.data.build_demo`, the
 recipe's seed): the first ``--train-scenes`` training scenes (200: exactly the demo's) and the
 first ``--eval-scenes`` held-out scenes (the demo's 40 and more drawn alike), every question of
 every type asked of each; clips likewise (320 training clips by default, more than the demo's 96:
@@ -47,9 +47,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vlmkit.core.data import demo
+from vlmkit.demo import data as demo
 from vlmkit.core.data.collate import image_to_tensor
-from vlmkit.core.data.mimicit import resample_frames
+from vlmkit.datasets.mimicit import resample_frames
 from vlmkit.core.recipe.loader import load_recipe
 from vlmkit.core.registry import get_registry
 

@@ -16,8 +16,8 @@ from PIL import Image
 
 from tiny import toy_mapping, write_recipe
 from vlmkit.core.cli import main
-from vlmkit.core.data.llava import Captions, LlavaConversations, TextOnly
-from vlmkit.core.data.mimicit import MimicIT
+from vlmkit.datasets.llava import Captions, LlavaConversations, TextOnly
+from vlmkit.datasets.mimicit import MimicIT
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.recipe.loader import load_recipe
 from vlmkit.core.registry import get_registry
@@ -151,7 +151,7 @@ def test_decompression_bomb_png_is_an_unreadable_image_under_the_policy(tmp_path
 
 
 def test_decompression_bomb_in_class_folders_is_a_clear_error(tmp_path: Path) -> None:
-    from vlmkit.core.data.class_folders import ClassFolders
+    from vlmkit.datasets.class_folders import ClassFolders
 
     write_bomb_png(tmp_path / "cats" / "big.png")
     ds = ClassFolders(ClassFolders.Config(root=str(tmp_path)))

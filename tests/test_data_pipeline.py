@@ -9,7 +9,7 @@ import copy
 import pytest
 
 from tiny import toy_mapping, write_recipe
-from vlmkit.core.data.demo import recipe_data
+from vlmkit.demo.data import recipe_data
 from vlmkit.core.engine import run
 from vlmkit.core.errors import RecipeError
 from vlmkit.core.recipe.loader import load_recipe

@@ -14,7 +14,7 @@ from vlmkit.core.compose import build_model
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
 from vlmkit.core.engine import run
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.evaluation import instructions as instructions_module
+from vlmkit.evaluators import instructions as instructions_module
 from vlmkit.core.evaluation.generation import generate, split_prompt
 from vlmkit.core.evaluation.runner import run_evaluations
 from vlmkit.core.evaluation.scoring import exact_match, normalize
@@ -40,7 +40,7 @@ def _record(answer="red"):
     img = Image.new("RGB", (32, 32), (255, 0, 0))
     example = Exchange([Turn("user", "What colour?"), Turn("assistant", "blue")], [Media("e", [img])])
     query = Exchange([Turn("user", "What colour is the square?"), Turn("assistant", answer)], [Media("q", [img])])
-    return Record(id="r1", group="IMAGE_TEXT_IN_CONTEXT", query=query, context=[example])
+    return Record(id="r1", query=query, context=[example])
 
 
 def test_split_prompt_cuts_before_the_query_answer(otter_model):
@@ -65,7 +65,7 @@ def test_batched_left_padded_generation_equals_one_by_one(otter_model):
     template = model.templates["eval_images"]
     tok = model.decoder.tokenizer
     prompts = [split_prompt(template.render(_record(a), tok))[0] for a in ("red",)]
-    short = Record(id="r2", group="IMAGE_TEXT", query=Exchange([Turn("user", "Hi?"), Turn("assistant", "x")],
+    short = Record(id="r2", query=Exchange([Turn("user", "Hi?"), Turn("assistant", "x")],
                                                                 _record().query.media))
     prompts.append(split_prompt(template.render(short, tok))[0])
     torch.manual_seed(0)

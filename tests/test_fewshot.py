@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 
 from vlmkit.core.compose import build_model
-from vlmkit.core.data.class_folders import ClassFolders, ClassFoldersConfig
+from vlmkit.datasets.class_folders import ClassFolders, ClassFoldersConfig
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.evaluation import fewshot as fewshot_module
-from vlmkit.core.evaluation.fewshot import FewShotConfig, FewShotEvaluator
+from vlmkit.evaluators import fewshot as fewshot_module
+from vlmkit.evaluators.fewshot import FewShotConfig, FewShotEvaluator
 from vlmkit.core.evaluation.scoring import cider_d, vqa_accuracy, vqa_normalize
 from vlmkit.core.interfaces import EvalContext
 from vlmkit.core.recipe.loader import load_recipe
@@ -45,7 +45,7 @@ def test_vqa_accuracy_and_normalisation():
 
 def _record(rid, colour, answer, question="What is it?"):
     img = Image.new("RGB", (32, 32), colour)
-    return Record(id=rid, group="IMAGE_TEXT", query=Exchange([Turn("user", question), Turn("assistant", answer)], [Media(rid, [img])]))
+    return Record(id=rid, query=Exchange([Turn("user", question), Turn("assistant", answer)], [Media(rid, [img])]))
 
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "white": (250, 250, 250),
@@ -131,7 +131,7 @@ def test_class_folders_and_errors(tmp_path, model):
     cfg = FewShotConfig(task="vqa", support="support", query="query", shots=[8])
     with pytest.raises(VlmkitError, match="needs 8 demonstrations"):
         FewShotEvaluator(cfg).evaluate(model, _context(tmp_path, ds, ds))
-    text_only = Record(id="t", group="TEXT_ONLY", query=Exchange([Turn("user", "q"), Turn("assistant", "a")]))
+    text_only = Record(id="t", query=Exchange([Turn("user", "q"), Turn("assistant", "a")]))
     with pytest.raises(VlmkitError, match="no picture"):
         FewShotEvaluator(FewShotConfig(task="vqa", support="support", query="query", shots=[1])).evaluate(
             model, _context(tmp_path, [text_only] * 3, [text_only]))

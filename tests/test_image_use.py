@@ -18,7 +18,7 @@ from PIL import Image
 from vlmkit.core.compose import build_model
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
 from vlmkit.core.errors import RecipeError, VlmkitError
-from vlmkit.core.evaluation.image_use import (
+from vlmkit.evaluators.image_use import (
     CONDITIONS,
     ImageUseConfig,
     ImageUseEvaluator,
@@ -51,7 +51,7 @@ class ColourQuestions(Dataset):
         name = list(PALETTE)[index % len(PALETTE)]
         frames = [Image.new("RGB", (self.size, self.size), PALETTE[name]) for _ in range(self.frames or 1)]
         query = Exchange([Turn("user", "What colour is it?"), Turn("assistant", name)], [Media(f"m{index}", frames)])
-        return Record(id=f"{self.prefix}{index}", group="VIDEO_TEXT" if self.frames else "IMAGE_TEXT", query=query)
+        return Record(id=f"{self.prefix}{index}", query=query)
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmkit.core.data.lcl import LCLEpisodes, LCLEpisodesConfig, shot_distribution
-from vlmkit.core.data.lcl_neighbours import (
+from vlmkit.lcl.episodes import LCLEpisodes, LCLEpisodesConfig, shot_distribution
+from vlmkit.lcl.neighbours import (
     SimilarityWeights,
     draw_negative,
     interval_probabilities,
     ranked_intervals,
     similarity_matrix,
 )
-from vlmkit.core.data.synthetic_concepts import write_concepts
+from vlmkit.lcl.synthetic_concepts import write_concepts
 from vlmkit.core.errors import VlmkitError
 
 

@@ -9,12 +9,12 @@ import json
 import pytest
 
 from vlmkit.core.compose import build_model
-from vlmkit.core.data.lcl import LCLEpisodes, LCLEpisodesConfig, mentions, string_match
-from vlmkit.core.data.synthetic_concepts import write_concepts
-from vlmkit.core.data.templates.lcl import LCLConfig, LCLTemplate
+from vlmkit.lcl.episodes import LCLEpisodes, LCLEpisodesConfig, mentions, string_match
+from vlmkit.lcl.synthetic_concepts import write_concepts
+from vlmkit.lcl.template import LCLConfig, LCLTemplate
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.evaluation import lcl as lcl_module
-from vlmkit.core.evaluation.lcl import (
+from vlmkit.lcl import evaluators as lcl_module
+from vlmkit.lcl.evaluators import (
     LCLFalseRatioConfig,
     LCLFalseRatioEvaluator,
     LCLPositionConfig,

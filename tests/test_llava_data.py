@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmkit.core.data.llava import Captions, LlavaConversations, TextOnly
+from vlmkit.datasets.llava import Captions, LlavaConversations, TextOnly
 from vlmkit.core.data.records import Record
 from vlmkit.core.errors import VlmkitError
 
@@ -115,7 +115,7 @@ def test_llava_conversations_read_exactly(tmp_path: Path, llava_dir, jsonl: bool
     assert len(ds) == 4 and ds.ids() == ["a1", "a2", "t3", "a4"]
 
     first = ds[0]
-    assert first.id == "a1" and first.group == "IMAGE_TEXT" and first.context == [] and not first.shared_media
+    assert first.id == "a1" and len(first.query.media) == 1 and first.context == [] and not first.shared_media
     assert turns(first) == [
         ("user", "What is in the picture?"),
         ("assistant", "Noise, mostly."),
@@ -132,7 +132,7 @@ def test_llava_conversations_read_exactly(tmp_path: Path, llava_dir, jsonl: bool
     np.testing.assert_array_equal(pixels(second), images["coco/a2.png"])
 
     text = ds[2]
-    assert text.group == "TEXT_ONLY" and text.query.media == []
+    assert text.query.media == []
     assert turns(text) == [("user", "What is two plus two?"), ("assistant", "Four.")]
 
     rgba = ds[3]
@@ -181,7 +181,7 @@ def test_captions_read_exactly(tmp_path: Path, jsonl: bool) -> None:
     assert len(ds) == 3 and ds.ids() == ["0.png", "custom", "2.png"]
     for i in range(3):
         record = ds[i]
-        assert record.group == "CAPTION" and record.context == []
+        assert record.context == []
         assert turns(record) == [("user", ""), ("assistant", f"caption number {i}")]
         assert [m.id for m in record.query.media] == [f"{i}.png"]
         np.testing.assert_array_equal(pixels(record), expected[i])
@@ -201,7 +201,7 @@ def test_text_only_read_exactly(tmp_path: Path, jsonl: bool) -> None:
         [("user", "Say hi."), ("assistant", "hi")],
         [("user", "Count to two."), ("assistant", "one two")],
     ]
-    assert all(ds[i].group == "TEXT_ONLY" and ds[i].query.media == [] for i in range(2))
+    assert all(ds[i].query.media == [] for i in range(2))
 
 
 def test_text_only_has_no_image_folder_option(tmp_path: Path) -> None:

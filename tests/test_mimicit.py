@@ -32,7 +32,7 @@ from vlmkit.core.data.images import (
     rewrite_row_groups,
     write_parquet_images,
 )
-from vlmkit.core.data.mimicit import MimicIT, MimicITConfig, resample_frames
+from vlmkit.datasets.mimicit import MimicIT, MimicITConfig, resample_frames
 from vlmkit.core.data.records import Record
 from vlmkit.core.errors import VlmkitError
 
@@ -289,7 +289,7 @@ def test_image_text_with_train_config(tmp_path, fmt):
     ds = dataset(group="IMAGE_TEXT", **write_subset(tmp_path, IMAGE_DATA, fmt=fmt, train=TRAIN))
     assert len(ds) == 3 and ds.context_mode == "same_media"  # the train config's keys, in order
     first = ds[0]
-    assert isinstance(first, Record) and first.id == "INS_4" and first.group == "IMAGE_TEXT"
+    assert isinstance(first, Record) and first.id == "INS_4"
     assert texts(first.query) == ("Describe the image.", "More noise.")
     assert first.query.id == "INS_4"
     # every id of the train config's list (not INS_4's rel_ins_ids)
@@ -386,7 +386,7 @@ def test_text_only_needs_no_images(tmp_path):
     ds = dataset(group="TEXT_ONLY", instructions=paths["instructions"])
     assert ds.images is None and len(ds) == 3
     record = ds[0]
-    assert record.group == "TEXT_ONLY" and record.query.media == [] and record.shared_media is False
+    assert record.query.media == [] and record.shared_media is False
     assert texts(record.query) == ("Say hi.", "Hi!") and texts(record.context[0]) == ("Count to two.", "One, two.")
     assert record.context[0].media == [] and ds[2].query.media == []
     with pytest.raises(VlmkitError, match="images: group IMAGE_TEXT needs"):

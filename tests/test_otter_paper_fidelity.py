@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from vlmkit.core.data.collate import Collator
-from vlmkit.core.data.mimicit import MimicIT, MimicITConfig
-from vlmkit.core.data.templates.otter import OtterTemplate
+from vlmkit.datasets.mimicit import MimicIT, MimicITConfig
+from vlmkit.templates.otter import OtterTemplate
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import Preprocess
 from vlmkit.core.recipe.loader import load_recipe

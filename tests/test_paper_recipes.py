@@ -298,7 +298,7 @@ def test_item8_the_checkpoint_in_place_passes_and_training_from_scratch_is_the_o
 
 # ---------------------------------------------------------------------- 9. LCL strategies
 def test_item9_lcl_paper_trains_2way_on_16_shots_then_2way_random_on_2_to_16():
-    from vlmkit.core.data.lcl import shot_distribution
+    from vlmkit.lcl.episodes import shot_distribution
 
     resolved = load_recipe("lcl_repro", "paper")
     enabled = [s for s in resolved.recipe.stages if s.enabled]
@@ -319,8 +319,8 @@ def test_item9_lcl_paper_trains_2way_on_16_shots_then_2way_random_on_2_to_16():
 
 
 def test_item9_mix_is_the_2way_task_mixed_evenly_with_instruction_data(tmp_path):
-    from vlmkit.core.data.lcl import LCLEpisodes, LCLEpisodesConfig
-    from vlmkit.core.data.synthetic_concepts import write_concepts
+    from vlmkit.lcl.episodes import LCLEpisodes, LCLEpisodesConfig
+    from vlmkit.lcl.synthetic_concepts import write_concepts
 
     concepts = write_concepts(tmp_path / "concepts", seed=3, train_composites=2, heldout_concepts=2, train_images=10,
                               heldout_images=10, image_size=16)
@@ -338,7 +338,7 @@ def test_item9_mix_is_the_2way_task_mixed_evenly_with_instruction_data(tmp_path)
 
 
 def test_item9_image_text_similarity_sums_both_directions():
-    from vlmkit.core.data.lcl_neighbours import SimilarityWeights, similarity_matrix
+    from vlmkit.lcl.neighbours import SimilarityWeights, similarity_matrix
 
     torch.manual_seed(1)
     image, text = torch.randn(4, 6), torch.randn(4, 6)

@@ -9,6 +9,7 @@ import importlib
 import importlib.metadata as md
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,10 +18,12 @@ import warnings
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vlmkit import hookimpl
 from vlmkit.core.builtins import builtin_components
 from vlmkit.core.errors import DuplicateComponentError, PluginError, RecipeError
+from vlmkit.core.hookspecs import KINDS
 from vlmkit.core.interfaces import INTERFACES, Dataset, DatasetConfig, EncoderConfig, Preprocess, VisionEncoder
 from vlmkit.core.recipe.loader import load_recipe
 from vlmkit.core.registry import PluginWarning, Provider, Registry
@@ -139,38 +142,15 @@ def no_plugin_warnings():
 
 
 # ------------------------------------------------------------------------------------ built-ins
-BUILTINS = [  # registry.yaml order, grouped by kind as the hooks register them
-    ("encoder", "timm"),
-    ("encoder", "open_clip"),
-    ("encoder", "hf_vision"),
-    ("connector", "linear"),
-    ("connector", "mlp"),
-    ("connector", "perceiver"),
-    ("connector", "qformer"),
-    ("connector", "abstractor"),
-    ("fusion", "prefix"),
-    ("fusion", "gated_cross_attention"),
-    ("decoder", "hf_causal_lm"),
-    ("dataset", "toy_captions"),
-    ("dataset", "mimicit"),
-    ("dataset", "llava"),
-    ("dataset", "captions"),
-    ("dataset", "text_only"),
-    ("dataset", "lcl"),
-    ("dataset", "class_folders"),
-    ("template", "otter"),
-    ("template", "llava_plain"),
-    ("template", "vicuna_v1"),
-    ("template", "mplug_owl"),
-    ("template", "lcl"),
-    ("template", "chat_template"),
-    ("evaluator", "instructions"),
-    ("evaluator", "image_use"),
-    ("evaluator", "lcl"),
-    ("evaluator", "lcl_false_ratio"),
-    ("evaluator", "lcl_position"),
-    ("evaluator", "fewshot"),
-]
+def listed_builtins(path: Path = REPO / "vlmkit" / "registry.yaml") -> list[tuple[str, str]]:
+    """(kind, name) of every component ``registry.yaml`` lists, grouped by kind in hook order (as the
+    built-in plug-in registers them), file order within a kind. Read from the file itself: it is the
+    one list of built-ins."""
+    listed = yaml.safe_load(path.read_text(encoding="utf-8"))["components"]
+    return [(c["kind"], c["name"]) for kind in KINDS for c in listed if c["kind"] == kind]
+
+
+BUILTINS = listed_builtins()
 
 
 def test_builtins_are_registered_by_vlmkit(monkeypatch):
@@ -192,6 +172,41 @@ def test_builtins_are_registered_by_vlmkit(monkeypatch):
     assert all(isinstance(reg.entry(k, n).target, str) for k, n in BUILTINS)
     for kind, name in BUILTINS:
         assert issubclass(reg.component_class(kind, name), INTERFACES[kind])
+
+
+def test_the_builtin_list_is_registry_yaml():
+    # every kind has built-ins, the shipped recipes' names among them; nothing else lists them
+    assert {kind for kind, _ in BUILTINS} == set(KINDS)
+    assert {("encoder", "timm"), ("connector", "qformer"), ("dataset", "lcl"), ("template", "lcl"),
+            ("evaluator", "lcl_position")} <= set(BUILTINS)
+    assert "BUILTINS" not in (REPO / "vlmkit" / "core" / "builtins.py").read_text(encoding="utf-8")
+
+
+def test_a_component_added_to_a_copy_of_registry_yaml_is_registered(site, tmp_path):
+    # one entry in the component list, nothing else edited: the built-in plug-in registers it
+    # through the same hook as the others, by reference, imported on first use
+    copy = tmp_path / "registry.yaml"
+    text = (REPO / "vlmkit" / "registry.yaml").read_text(encoding="utf-8")
+    entry = ("  - name: added_enc\n    kind: encoder\n    object: fakecomps:FakeEncoder\n"
+             "    summary: An encoder added by one line in the list.\n")
+    copy.write_text(text.replace("components:\n", "components:\n" + entry, 1), encoding="utf-8")
+    with no_plugin_warnings():
+        reg = Registry(entry_points=False, component_list=copy)
+    added = reg.entry("encoder", "added_enc")
+    assert added.provider.describe() == "vlmkit (built-in)"
+    assert added.summary == "An encoder added by one line in the list."
+    assert added.target == "fakecomps:FakeEncoder" and "fakecomps" not in sys.modules
+    assert reg.component_class("encoder", "added_enc").__name__ == "FakeEncoder"
+    assert reg.plugins["vlmkit"].components == listed_builtins(copy)
+    assert ("encoder", "added_enc") in reg.plugins["vlmkit"].components
+    assert "added_enc" not in Registry(entry_points=False).names("encoder")  # the packaged list is untouched
+
+
+def test_a_bad_entry_in_the_component_list_is_an_error_naming_the_file(tmp_path):
+    copy = tmp_path / "registry.yaml"
+    copy.write_text("components:\n  - name: x\n    kind: encodr\n    object: a:B\n    summary: s\n", encoding="utf-8")
+    with pytest.raises(PluginError, match=rf"(?s){re.escape(str(copy))}: not a valid component list.*components\.0\.kind.*'encodr'"):
+        Registry(entry_points=False, component_list=copy)
 
 
 def test_registry_without_builtins_is_empty():

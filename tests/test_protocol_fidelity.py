@@ -25,11 +25,11 @@ from PIL import Image
 
 from vlmkit.core.data.collate import IGNORE, Collator
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
-from vlmkit.core.data.templates.llava import VicunaV1Template
-from vlmkit.core.data.templates.mplug_owl import MplugOwlTemplate
+from vlmkit.templates.llava import VicunaV1Template
+from vlmkit.templates.mplug_owl import MplugOwlTemplate
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.evaluation import fewshot as fewshot_module
-from vlmkit.core.evaluation.fewshot import FewShotConfig, FewShotEvaluator
+from vlmkit.evaluators import fewshot as fewshot_module
+from vlmkit.evaluators.fewshot import FewShotConfig, FewShotEvaluator
 from vlmkit.core.evaluation.scoring import vqa_accuracy, vqa_normalize
 from vlmkit.core.interfaces import EvalContext, Preprocess, Sample
 from vlmkit.decoders.byte_tokenizer import byte_level_tokenizer
@@ -63,7 +63,7 @@ PER_ITEM = {"1": 3.1651130764667332, "2": 3.2098205928725547, "3": 3.76202572227
 
 
 def test_item10_captioning_scores_cider_against_every_reference_caption(tmp_path, monkeypatch):
-    from vlmkit.core.data.llava import Captions, CaptionsConfig
+    from vlmkit.datasets.llava import Captions, CaptionsConfig
 
     entries = [{"id": k, "image": _picture(tmp_path, f"{k}.png", 60 * int(k)), "captions": refs} for k, refs in GTS.items()]
     (tmp_path / "caps.json").write_text(json.dumps(entries))
@@ -100,7 +100,7 @@ def test_item10_captioning_scores_cider_against_every_reference_caption(tmp_path
 
 
 def _vqa_data(tmp_path: Path) -> list:
-    from vlmkit.core.data.llava import ImageDataConfig, LlavaConversations
+    from vlmkit.datasets.llava import ImageDataConfig, LlavaConversations
 
     humans = ["2", "2", "two", "3", "3", "3", "3", "3", "3", "3"]
     entries = []
@@ -221,7 +221,7 @@ def _vicuna_record() -> Record:
     # an in-context round makes "USER: " and "Where ..." separate segments (the unit's edge)
     context = Exchange([Turn("user", "What is it?"), Turn("assistant", "A red square.")], media=[_image(1)])
     query = Exchange([Turn("user", "Where is the cat?"), Turn("assistant", "On the mat.")], media=[])
-    return Record(id="r", group="IMAGE_TEXT", query=query, context=[context])
+    return Record(id="r", query=query, context=[context])
 
 
 def _encode(tok, sample: Sample) -> tuple[list[int], list[int]]:
@@ -283,8 +283,7 @@ def test_item11_a_token_straddling_the_join_is_trained_whole():
     # mplug_owl writes "\nAI: " (untrained) then "A red square.</s>": the whole text's token 'ĠA'
     # starts in the prompt; it carries the answer's first character, so it is trained
     tok = _bpe_tokenizer()
-    record = Record(id="m", group="IMAGE_TEXT",
-                    query=Exchange([Turn("user", "What is it?"), Turn("assistant", "A red square.")], media=[_image(2)]))
+    record = Record(id="m", query=Exchange([Turn("user", "What is it?"), Turn("assistant", "A red square.")], media=[_image(2)]))
     sample = MplugOwlTemplate(MplugOwlTemplate.Config(system="S.")).render(record, tok)
     text = "".join(t for t, _ in sample.segments)
     ids, labels = _encode(tok, sample)
@@ -299,8 +298,7 @@ def test_item11_generation_prompts_end_where_the_training_context_does():
     from vlmkit.core.evaluation.generation import split_prompt
 
     tok = _bpe_tokenizer()
-    mplug = Record(id="m", group="IMAGE_TEXT",
-                   query=Exchange([Turn("user", "What is it?"), Turn("assistant", "A red square.")], media=[_image(3)]))
+    mplug = Record(id="m", query=Exchange([Turn("user", "What is it?"), Turn("assistant", "A red square.")], media=[_image(3)]))
     samples = [MplugOwlTemplate(MplugOwlTemplate.Config(system="S.")).render(mplug, tok),
                VicunaV1Template(VicunaV1Template.Config(system="")).render(_vicuna_record(), tok)]
     for sample in samples:

@@ -21,11 +21,11 @@ from pydantic import ValidationError
 
 from vlmkit.core.data.collate import IGNORE, Collator
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
-from vlmkit.core.data.templates.chat_template import ChatTemplate
-from vlmkit.core.data.templates.lcl import LCL_SYSTEM, LCLTemplate
-from vlmkit.core.data.templates.llava import VICUNA_SYSTEM, LlavaPlainTemplate, VicunaV1Template
-from vlmkit.core.data.templates.mplug_owl import MPLUG_SYSTEM, MplugOwlTemplate
-from vlmkit.core.data.templates.otter import OtterTemplate
+from vlmkit.templates.chat_template import ChatTemplate
+from vlmkit.lcl.template import LCL_SYSTEM, LCLTemplate
+from vlmkit.templates.llava import VICUNA_SYSTEM, LlavaPlainTemplate, VicunaV1Template
+from vlmkit.templates.mplug_owl import MPLUG_SYSTEM, MplugOwlTemplate
+from vlmkit.templates.otter import OtterTemplate
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import Preprocess, Sample, Template
 from vlmkit.core.registry import get_registry
@@ -75,7 +75,7 @@ def ex(*texts: str, media: list[Media] | None = None) -> Exchange:
 
 
 def record(query: Exchange, context: list[Exchange] | None = None, shared: bool = False, rid: str = "rec-1") -> Record:
-    return Record(id=rid, group="IMAGE_TEXT", query=query, context=list(context or []), shared_media=shared)
+    return Record(id=rid, query=query, context=list(context or []), shared_media=shared)
 
 
 def by_pieces(sample: Sample, tok) -> tuple[str, str]:

@@ -32,8 +32,8 @@ class ToyCaptions:
     """The toy_captions dataset rendered as its recipe renders it (llava_plain): index -> Sample."""
 
     def __init__(self, config):
-        from vlmkit.core.data.templates.llava import LlavaPlainTemplate
-        from vlmkit.core.data.toy import ToyCaptions as Records
+        from vlmkit.templates.llava import LlavaPlainTemplate
+        from vlmkit.datasets.toy import ToyCaptions as Records
         from vlmkit.decoders.byte_tokenizer import byte_level_tokenizer
 
         self.records = Records(config)
@@ -48,6 +48,6 @@ class ToyCaptions:
 
 
 def ToyCaptionsConfig(**kwargs):  # noqa: N802 - mirrors the dataset's config class
-    from vlmkit.core.data.toy import ToyCaptionsConfig as Config
+    from vlmkit.datasets.toy import ToyCaptionsConfig as Config
 
     return Config(**kwargs)

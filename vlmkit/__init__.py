@@ -1,7 +1,10 @@
 """vlmkit: multimodal LLMs from swappable parts.
 
-The plug-in author's contract is :data:`hookimpl` plus the interfaces in
-:mod:`vlmkit.core.interfaces` (re-exported here lazily, so importing ``hookimpl`` stays cheap).
+The plug-in author's contract is :data:`hookimpl` (the hooks are documented in
+:mod:`vlmkit.core.hookspecs`) plus the interfaces and markers of :mod:`vlmkit.core.interfaces`,
+re-exported here lazily, so importing ``hookimpl`` stays cheap: the component interfaces and their
+configs, ``Sample``, the evaluator's ``Evaluator``, ``EvaluatorConfig``, ``EvalContext`` and
+``EvalResult``, and the text markers ``IMAGE_TOKEN`` and ``END_OF_CHUNK``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ _INTERFACE_NAMES = {
     "Sample",
     "Template",
     "TemplateConfig",
+    "Evaluator",
+    "EvaluatorConfig",
+    "EvalContext",
+    "EvalResult",
+    "IMAGE_TOKEN",
+    "END_OF_CHUNK",
 }
 
 __all__ = ["hookimpl", "__version__", "load", *sorted(_INTERFACE_NAMES)]

@@ -51,7 +51,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.interfaces import Fusion, FusionConfig, LanguageDecoder, Layers, Size
+from vlmkit.core.interfaces import IMAGE_TOKEN, Fusion, FusionConfig, LanguageDecoder, Layers, Size
 
 __all__ = [
     "GatedCrossAttentionConfig",
@@ -62,7 +62,6 @@ __all__ = [
     "GenerationSteps",
 ]
 
-IMAGE_TOKEN = "<image>"
 # the names transformers' models have taken a KV cache under (refused as inputs to forward and generate)
 _CACHE_INPUTS = ("past_key_values", "cache")
 

@@ -14,9 +14,7 @@ from typing import Any
 import torch
 
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.interfaces import Fusion, FusionConfig, LanguageDecoder
-
-IMAGE_TOKEN = "<image>"
+from vlmkit.core.interfaces import IMAGE_TOKEN, Fusion, FusionConfig, LanguageDecoder
 
 
 class PrefixConfig(FusionConfig):

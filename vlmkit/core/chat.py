@@ -74,8 +74,7 @@ class Chat:
             turns += [Turn("user", q), Turn("assistant", a)]
         turns += [Turn("user", question), Turn("assistant", _PENDING)]
         media = [Media("query", [self.image])] if self.image is not None else []
-        return Record(id="chat", group="IMAGE_TEXT_IN_CONTEXT" if context else "IMAGE_TEXT",
-                      query=Exchange(turns=turns, media=media, id="query"), context=context)
+        return Record(id="chat", query=Exchange(turns=turns, media=media, id="query"), context=context)
 
     def ask(self, question: str) -> str:
         question = question.strip()

@@ -325,10 +325,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from vlmkit.core.data import demo
+    from vlmkit.demo import data as demo
 
     if args.data_command == "concepts":
-        from vlmkit.core.data import synthetic_concepts as concepts
+        from vlmkit.lcl import synthetic_concepts as concepts
 
         out = concepts.concepts_data_dir(args.seed) if args.out is None else concepts.write_concepts(args.out, seed=args.seed)
         meta = json.loads((out / "concepts.json").read_text(encoding="utf-8"))

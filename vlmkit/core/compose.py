@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from vlmkit.core.errors import RecipeError, VlmkitError
-from vlmkit.core.interfaces import Connector, Fusion, LanguageDecoder, VisionEncoder
+from vlmkit.core.interfaces import IMAGE_TOKEN, Connector, Fusion, LanguageDecoder, VisionEncoder
 from vlmkit.core.recipe.loader import ResolvedRecipe
 
-IMAGE_TOKEN = "<image>"
+__all__ = ["IMAGE_TOKEN", "VisionLanguageModel", "build_model"]
 
 
 class VisionLanguageModel(nn.Module):
@@ -184,6 +184,34 @@ def _allocation_message(resolved: ResolvedRecipe, registry: Any, exc: BaseExcept
             "model smaller (the sizes in the model section) or use a machine with more memory")
 
 
+def check_connector_output(connector: Connector, encoder: VisionEncoder, name: str) -> None:
+    """A dry forward of ``connector`` on one image's zero features ``(1, encoder.num_tokens(),
+    encoder.width)``: its output must be ``(1, connector.num_queries(tokens), width_out)``, as the
+    collator (placeholder count) and the fusion rely on. Runs under ``no_grad`` in eval mode with
+    the random state forked, so building is otherwise unchanged; on the meta device it costs no
+    arithmetic. A disagreement is an error naming the connector, at build time, not mid-run."""
+    tokens = encoder.num_tokens()
+    expected = (1, connector.num_queries(tokens, 1), connector.width_out)
+    param = next(iter(connector.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    modes = [(m, m.training) for m in connector.modules()]
+    connector.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = connector(torch.zeros(1, tokens, encoder.width, device=device, dtype=dtype), num_frames=1,
+                            media_positions=torch.zeros(1, dtype=torch.long, device=device))
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    if tuple(out.shape) != expected:
+        raise VlmkitError(
+            f"model.connector: connector '{name}' ({type(connector).__module__}.{type(connector).__qualname__}) "
+            f"returns {tuple(out.shape)} for one image of {tokens} tokens of width {encoder.width}, but its "
+            f"num_queries({tokens}) and width_out say {expected}; num_queries must count the tokens forward returns"
+        )
+
+
 def _build_model(resolved: ResolvedRecipe, registry: Any) -> VisionLanguageModel:
     if registry is None:
         from vlmkit.core.registry import get_registry
@@ -212,6 +240,7 @@ def _build_model(resolved: ResolvedRecipe, registry: Any) -> VisionLanguageModel
         update["width_out"] = fusion.media_width(decoder.width, encoder.width)
     conn_cfg = conn_cfg.model_copy(update=update)
     connector = construct("connector", conn_cfg)
+    check_connector_output(connector, encoder, conn_name)
     try:
         fusion.attach(decoder, connector.width_out)
     except VlmkitError as exc:

@@ -13,7 +13,16 @@ receives a ``register`` callback; a plug-in never touches the registry itself::
 
 ``register(name, component, summary=None)``: ``component`` is a subclass of the kind's interface
 (:mod:`vlmkit.core.interfaces`) or a ``"module:object"`` reference to one; ``summary`` defaults
-to the first line of the class docstring.
+to the first line of the class docstring. A name is registered once per kind: a second plug-in
+registering the same name is an error naming both.
+
+Besides the seven component hooks, a plug-in may give recipes what its components need:
+
+- :meth:`VlmkitHookSpecs.register_recipe_placeholders`: ``${name}`` placeholders in recipe strings
+  (vlmkit's own ``${demo_data}`` and ``${lcl_data}`` come from :mod:`vlmkit.demo.plugin` and
+  :mod:`vlmkit.lcl.plugin` this way);
+- :meth:`VlmkitHookSpecs.register_recipe_checks`: checks across recipe fields, run when a recipe
+  is validated (vlmkit's "an lcl dataset with strategy mix needs company" rule is one).
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 class VlmkitHookSpecs:
-    """One hook per component kind."""
+    """One hook per component kind, and two for what recipes need from plug-ins."""
 
     @hookspec
     def register_encoders(self, register):
@@ -55,7 +64,36 @@ class VlmkitHookSpecs:
 
     @hookspec
     def register_evaluators(self, register):
-        """Register evaluators (:class:`vlmkit.core.interfaces.Evaluator`)."""
+        """Register evaluators (:class:`vlmkit.core.interfaces.Evaluator`): the entries of a
+        recipe's ``eval`` list (``type: <name>`` plus the options of the evaluator's ``Config``, a
+        subclass of :class:`~vlmkit.core.interfaces.EvaluatorConfig`). ``evaluate(model, context)``
+        gets the model and an :class:`~vlmkit.core.interfaces.EvalContext` (the recipe's datasets
+        and their templates, a folder for extra files, the evaluation's label) and returns an
+        :class:`~vlmkit.core.interfaces.EvalResult`; ``data_aliases()`` names the datasets it
+        reads, checked against the recipe's ``data`` section. ``Evaluator``, ``EvaluatorConfig``,
+        ``EvalContext`` and ``EvalResult`` are importable from ``vlmkit``."""
+
+    @hookspec
+    def register_recipe_placeholders(self, register):
+        """Register recipe placeholders: ``register(name, resolve, summary=None)``.
+
+        ``${name}`` inside the strings of a recipe's ``model``, ``data``, ``stages`` and ``eval``
+        sections is replaced by ``str(resolve())``. ``resolve`` is a function without arguments
+        (or a ``"module:function"`` reference, imported when a recipe uses the placeholder) that
+        returns a path or text, e.g. a data folder it writes to a cache on first use. It may raise
+        :class:`vlmkit.core.errors.VlmkitError` for a user-facing problem. ``name`` is a letter then
+        letters, digits or ``_``; the loader's own ``recipe_dir``, ``data_root`` and ``package``
+        are taken."""
+
+    @hookspec
+    def register_recipe_checks(self, register):
+        """Register checks across recipe fields: ``register(name, check, summary=None)``.
+
+        ``check(recipe, datasets)`` runs on every recipe that passed its per-field validation:
+        ``recipe`` is the validated :class:`vlmkit.core.recipe.schema.Recipe`, ``datasets`` maps each
+        ``data`` alias to its validated spec (``.name``: the dataset type, ``.config``: an instance
+        of its ``Config``). It returns a list of problems, each ``"<field path>: <what is wrong and
+        what is allowed>"`` (empty: fine); they are reported with the recipe's other problems."""
 
 
 #: component kind -> hook name
@@ -69,3 +107,10 @@ HOOK_FOR_KIND = {
     "evaluator": "register_evaluators",
 }
 KINDS = tuple(HOOK_FOR_KIND)
+#: the recipe extension hooks: what they register -> hook name
+HOOK_FOR_RECIPE_EXTENSION = {
+    "placeholder": "register_recipe_placeholders",
+    "check": "register_recipe_checks",
+}
+#: placeholders the recipe loader resolves itself (``${package:NAME}`` is written with its argument)
+LOADER_PLACEHOLDERS = ("recipe_dir", "data_root", "package")

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
 __all__ = [
+    "IMAGE_TOKEN",
+    "END_OF_CHUNK",
     "Layers",
     "Size",
     "ComponentConfig",
@@ -43,6 +45,12 @@ __all__ = [
     "EvalResult",
     "INTERFACES",
 ]
+
+
+#: the marker a sample's text carries where an image goes (templates write it, fusions find it)
+IMAGE_TOKEN = "<image>"
+#: the end-of-chunk marker Otter/OpenFlamingo-style templates and prompts close an answer with
+END_OF_CHUNK = "<|endofchunk|>"
 
 
 class ComponentConfig(BaseModel):
@@ -118,6 +126,21 @@ class Connector(nn.Module, ABC):
     ``tokens`` may hold ``num_frames`` frames of one image (video), frame-major:
     ``(N, F * tokens_per_frame, width_in)``. A connector that does not model time treats them as one
     sequence.
+
+    The contract a connector (built-in or plug-in) keeps:
+
+    - ``Config`` subclasses :class:`ConnectorConfig`: the builder fills ``width_in`` (the encoder's
+      width) and ``width_out`` (what the fusion asks for) and constructs ``Connector(config)``;
+      ``__init__`` calls ``super().__init__(config)``, which refuses a config without both widths.
+    - :meth:`forward` accepts ``features``, ``num_frames`` and ``media_positions`` (keyword), even
+      if it ignores the last two.
+    - :meth:`num_queries` says exactly how many tokens :meth:`forward` returns per image: the
+      builder checks it with a dry forward on one zero image's features when the model is built
+      (:func:`vlmkit.core.compose.build_model`), so a disagreement is a build error naming the
+      connector, not a shape error in the middle of a run.
+    - Optional: ``lora_target_modules() -> list[str]``, the module-name suffixes LoRA adapts when a
+      stage tunes the connector with ``lora`` and names no ``target_modules``; without it such a
+      stage must name them.
     """
 
     kind: ClassVar[str] = "connector"
@@ -335,7 +358,15 @@ class Sample:
 
 class Dataset(ABC):
     """A map-style dataset of :class:`vlmkit.core.data.records.Record` (conversations with media;
-    a template renders them) or, for ready-made text, :class:`Sample`."""
+    a template renders them) or, for ready-made text, :class:`Sample`.
+
+    Bad records: a dataset that can meet them (a missing image, a malformed entry) offers the
+    recipe option ``on_error: skip | fail``. Under ``skip`` it leaves such records out, counts
+    them by kind and reports them through :meth:`error_report` and :meth:`summary` (the engine
+    prints the summary at the end of each stage); under ``fail`` the first one is an error that
+    names the record. :class:`vlmkit.core.data.skips.SkippingReads` implements reading past records
+    whose problem shows only when they are read (marks shared with DataLoader workers). A dataset
+    that never skips keeps the defaults: nothing skipped."""
 
     kind: ClassVar[str] = "dataset"
     Config: ClassVar[type[ComponentConfig]] = DatasetConfig
@@ -348,6 +379,15 @@ class Dataset(ABC):
 
     @abstractmethod
     def __getitem__(self, index: int) -> Any: ...
+
+    def error_report(self) -> dict[str, list[str]]:
+        """Kind of problem -> ids of the records skipped for it so far (``{}``: none skipped)."""
+        return {}
+
+    def summary(self) -> str:
+        """One line on what was skipped, e.g. ``"mimicit X.json: skipped 2 records (bad_image 2):
+        first ids a, b"`` (:func:`vlmkit.core.data.skips.skip_summary`); ``""`` when nothing was."""
+        return ""
 
 
 # ---------------------------------------------------------------------------------------- templates
@@ -362,7 +402,7 @@ class Template(ABC):
     kind: ClassVar[str] = "template"
     Config: ClassVar[type[ComponentConfig]] = TemplateConfig
     #: special tokens the decoder must know (added by the builder), ``<image>`` always among them
-    special_tokens: ClassVar[tuple[str, ...]] = ("<image>",)
+    special_tokens: ClassVar[tuple[str, ...]] = (IMAGE_TOKEN,)
     #: tokens that end an answer besides the tokenizer's end of sequence (generation stops there)
     stop_tokens: ClassVar[tuple[str, ...]] = ()
 

@@ -25,11 +25,20 @@ import pluggy
 from pydantic import BaseModel
 
 from vlmkit.core.errors import DuplicateComponentError, PluginError, VlmkitError, listing, suggest
-from vlmkit.core.hookspecs import HOOK_FOR_KIND, KINDS, PROJECT, VlmkitHookSpecs
+from vlmkit.core.hookspecs import (
+    HOOK_FOR_KIND,
+    HOOK_FOR_RECIPE_EXTENSION,
+    KINDS,
+    LOADER_PLACEHOLDERS,
+    PROJECT,
+    VlmkitHookSpecs,
+)
 
 ENTRY_POINT_GROUP = "vlmkit"
 BUILTIN_PLUGIN = "vlmkit"
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
+_ALL_HOOKS = (*HOOK_FOR_KIND.values(), *HOOK_FOR_RECIPE_EXTENSION.values())
+_PLACEHOLDER_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 class PluginWarning(UserWarning):
@@ -47,6 +56,8 @@ class Provider:
     def describe(self) -> str:
         if self.plugin == BUILTIN_PLUGIN and self.distribution == "vlmkit":
             return "vlmkit (built-in)"
+        if self.plugin.startswith(BUILTIN_PLUGIN + ".") and self.distribution == "vlmkit":
+            return f"{self.plugin} (built-in)"
         dist = f"distribution {self.distribution} {self.version or ''}".strip() if self.distribution else "no distribution"
         return f"plug-in '{self.plugin}' ({dist})"
 
@@ -88,6 +99,35 @@ class ComponentEntry:
     @property
     def config_class(self) -> type[BaseModel]:
         return self.load().Config
+
+
+@dataclass
+class ExtensionEntry:
+    """A recipe placeholder or recipe check a plug-in registered (``what``: "placeholder" or "check")."""
+
+    what: str
+    name: str
+    target: Any  # a callable, or a "module:function" string resolved on first use
+    summary: str
+    provider: Provider
+    _fn: Callable[..., Any] | None = field(default=None, repr=False)
+
+    def load(self) -> Callable[..., Any]:
+        """The function, imported if registered by reference."""
+        if self._fn is None:
+            target = self.target
+            if isinstance(target, str):
+                try:
+                    target = import_object(target)
+                except Exception as exc:  # noqa: BLE001 - any import failure is the provider's
+                    raise PluginError(
+                        f"recipe {self.what} '{self.name}' from {self.provider.describe()} could not be imported "
+                        f"from '{self.target}': {type(exc).__name__}: {exc}"
+                    ) from exc
+            if not callable(target):
+                raise PluginError(f"recipe {self.what} '{self.name}' from {self.provider.describe()}: {target!r} is not callable")
+            self._fn = target
+        return self._fn
 
 
 @dataclass
@@ -151,6 +191,12 @@ class Registry:
 
     ``strict`` and ``allow`` default to the environment (``VLMKIT_STRICT_PLUGINS``,
     ``VLMKIT_PLUGINS``). ``plugins`` adds ``(name, object)`` plug-ins directly (tests, notebooks).
+    ``component_list``: the component list the built-in plug-in reads (``registry.yaml``'s schema;
+    default: the packaged ``vlmkit/registry.yaml``).
+
+    Besides ``components``, plug-ins fill ``placeholders`` (name -> :class:`ExtensionEntry`, the
+    ``${name}`` a recipe may use) and ``checks`` (name -> :class:`ExtensionEntry`, cross-field
+    recipe checks).
     """
 
     def __init__(
@@ -161,21 +207,22 @@ class Registry:
         entry_points: bool = True,
         builtins: bool = True,
         plugins: list[tuple[str, Any]] = (),
+        component_list: str | os.PathLike | None = None,
     ):
         self.strict = _env_flag("VLMKIT_STRICT_PLUGINS") if strict is None else strict
         if allow is None and os.environ.get("VLMKIT_PLUGINS", "").strip():
             allow = [a.strip() for a in os.environ["VLMKIT_PLUGINS"].split(",") if a.strip()]
         self.allow = allow
         self.components: dict[str, dict[str, ComponentEntry]] = {k: {} for k in KINDS}
+        self.placeholders: dict[str, ExtensionEntry] = {}
+        self.checks: dict[str, ExtensionEntry] = {}
         self.plugins: dict[str, PluginInfo] = {}
         self._providers: dict[str, Provider] = {}
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(VlmkitHookSpecs)
 
         if builtins:
-            from vlmkit.core import builtins as builtin_plugin
-
-            self._add_plugin(BUILTIN_PLUGIN, builtin_plugin, "vlmkit", _dist_version("vlmkit"))
+            self._add_builtins(component_list)
         if entry_points:
             self._load_entry_points()
         for name, obj in plugins:
@@ -203,13 +250,29 @@ class Registry:
                 provider = self._providers.get(impl.plugin_name)
                 who = provider.describe() if provider else f"plug-in '{impl.plugin_name}'"
                 warnings.warn(
-                    f"{who} implements '{name}', which is not a vlmkit hook{suggest(name, HOOK_FOR_KIND.values())} "
-                    f"it is never called; hooks: {', '.join(HOOK_FOR_KIND.values())}",
+                    f"{who} implements '{name}', which is not a vlmkit hook{suggest(name, _ALL_HOOKS)} "
+                    f"it is never called; hooks: {', '.join(_ALL_HOOKS)}",
                     PluginWarning,
                     stacklevel=3,
                 )
 
     # ------------------------------------------------------------------ loading
+    def _add_builtins(self, component_list: str | os.PathLike | None) -> None:
+        """vlmkit's own plug-in (the listed components), then the in-tree plug-in modules the list
+        names, each loaded as an entry point's module would be."""
+        from vlmkit.core.builtins import ListedComponents, read_registry_file
+
+        listed = read_registry_file(component_list)
+        version = _dist_version("vlmkit")
+        self._add_plugin(BUILTIN_PLUGIN, ListedComponents(listed.components), "vlmkit", version)
+        for plugin in listed.plugins:
+            try:
+                module = importlib.import_module(plugin.module)
+            except Exception as exc:  # noqa: BLE001 - reported like any plug-in that fails to import
+                self._fail(PluginInfo(plugin.name, "vlmkit", version, "failed"), f"failed to import '{plugin.module}'", exc)
+                continue
+            self._add_plugin(plugin.name, module, "vlmkit", version)
+
     def _load_entry_points(self) -> None:
         for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = ep.dist.name if ep.dist is not None else None
@@ -272,12 +335,57 @@ class Registry:
                 except Exception as exc:  # noqa: BLE001
                     self._drop(plugin)
                     self._fail(self.plugins[plugin], f"failed in {HOOK_FOR_KIND[kind]}", exc)
+        for what, hook in HOOK_FOR_RECIPE_EXTENSION.items():
+            for impl in getattr(self.pm.hook, hook).get_hookimpls():
+                plugin = impl.plugin_name
+                if self.plugins.get(plugin) is None or self.plugins[plugin].status != "loaded":
+                    continue
+                register = self._extension_callback(what, self._providers[plugin])
+                kwargs = {"register": register} if "register" in impl.argnames else {}
+                try:
+                    impl.function(**kwargs)
+                except DuplicateComponentError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    self._drop(plugin)
+                    self._fail(self.plugins[plugin], f"failed in {hook}", exc)
 
     def _drop(self, plugin: str) -> None:
         for kind in KINDS:
             for name in [n for n, e in self.components[kind].items() if e.provider.plugin == plugin]:
                 del self.components[kind][name]
+        for table in (self.placeholders, self.checks):
+            for name in [n for n, e in table.items() if e.provider.plugin == plugin]:
+                del table[name]
         self.plugins[plugin].components = []
+
+    def _extension_callback(self, what: str, provider: Provider) -> Callable[..., None]:
+        table = self.placeholders if what == "placeholder" else self.checks
+
+        def register(name: str, function: Any, summary: str | None = None) -> None:
+            pattern = _PLACEHOLDER_NAME_RE if what == "placeholder" else _NAME_RE
+            if not isinstance(name, str) or not pattern.match(name):
+                allowed = "letters, digits and '_'" if what == "placeholder" else "letters, digits, '_', '-', '.'"
+                raise PluginError(f"recipe {what} name {name!r} must start with a letter and use {allowed}")
+            if what == "placeholder" and name in LOADER_PLACEHOLDERS:
+                raise PluginError(f"recipe placeholder '{name}' is the recipe loader's own (taken: {', '.join(LOADER_PLACEHOLDERS)})")
+            if isinstance(function, str):
+                if ":" not in function:
+                    raise PluginError(f"recipe {what} '{name}': reference {function!r} is not of the form 'module:function'")
+            elif not callable(function):
+                raise PluginError(f"recipe {what} '{name}': {function!r} is not callable")
+            existing = table.get(name)
+            if existing is not None:
+                raise DuplicateComponentError(
+                    f"recipe {what} '{name}' is registered twice: by {existing.provider.describe()} and by "
+                    f"{provider.describe()}; uninstall one of them or leave one out with VLMKIT_PLUGINS"
+                )
+            if summary is None:
+                doc = inspect.getdoc(function) if not isinstance(function, str) else None
+                summary = doc.splitlines()[0] if doc else ""
+            table[name] = ExtensionEntry(what, name, function, summary, provider)
+
+        return register
 
     def _register_callback(self, kind: str, provider: Provider) -> Callable[..., None]:
         def register(name: str, component: Any, summary: str | None = None) -> None:
@@ -317,6 +425,10 @@ class Registry:
     def component_class(self, kind: str, name: str) -> type:
         return self.entry(kind, name).load()
 
+    def placeholder_names(self) -> list[str]:
+        """The ``${name}`` placeholders plug-ins provide, sorted."""
+        return sorted(self.placeholders)
+
     def plugin_report(self) -> list[dict[str, Any]]:
         return [info.as_dict() for info in self.plugins.values()]
 
@@ -342,8 +454,3 @@ def get_registry(*, refresh: bool = False) -> Registry:
         _DEFAULT = Registry()
     return _DEFAULT
 
-
-def set_registry(registry: Registry | None) -> None:
-    """Replace the process-wide registry (``None``: rebuild on next use)."""
-    global _DEFAULT
-    _DEFAULT = registry

@@ -12,10 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-#: MIMIC-IT's data groups (REFERENCE 1.6) plus captions for alignment stages
-GROUPS = ("IMAGE_TEXT", "TEXT_ONLY", "VIDEO_TEXT", "IMAGE_TEXT_IN_CONTEXT", "CAPTION")
-
-
 @dataclass
 class Media:
     """One image (one frame) or one video clip (``F`` frames, in time order); PIL images."""
@@ -62,7 +58,6 @@ class Record:
     (MIMIC-IT's same-image mode): the media appear once, before the first example."""
 
     id: str
-    group: str
     query: Exchange
     context: list[Exchange] = field(default_factory=list)
     shared_media: bool = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.interfaces import Sample
+from vlmkit.core.interfaces import Dataset, Sample
 
 
 class RenderedDataset:
@@ -31,7 +31,7 @@ class RenderedDataset:
             )
         return self.template.render(item, self.tokenizer)
 
-    def summary(self) -> str | None:
-        """The wrapped dataset's bad-record summary, if it keeps one."""
-        report = getattr(self.dataset, "summary", None)
-        return report() if callable(report) else None
+    def summary(self) -> str:
+        """The wrapped dataset's bad-record summary (:meth:`vlmkit.core.interfaces.Dataset.summary`;
+        ``""`` when nothing was skipped, or when it wraps a plain sequence rather than a dataset)."""
+        return self.dataset.summary() if isinstance(self.dataset, Dataset) else ""

@@ -12,6 +12,16 @@ from vlmkit.core.data.records import printable
 T = TypeVar("T")
 
 
+class BadRecord(Exception):
+    """A bad record met while reading a dataset: ``kind`` names the problem (each dataset lists the
+    kinds it reports), ``message`` says what is wrong with the record."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
 def skip_summary(label: str, report: dict[str, list[str]], max_ids: int = 5) -> str:
     """``"<label>: skipped N records (kind n, ...): first ids a, b, ..."``; ``""`` when none."""
     total = sum(len(ids) for ids in report.values())

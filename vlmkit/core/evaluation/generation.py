@@ -12,10 +12,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from vlmkit.core.compose import IMAGE_TOKEN
 from vlmkit.core.data.collate import Collator
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.interfaces import Sample
+from vlmkit.core.interfaces import IMAGE_TOKEN, Sample
 
 
 def split_prompt(sample: Sample) -> tuple[Sample, str]:

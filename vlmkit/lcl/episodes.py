@@ -8,7 +8,7 @@ answer is trained. "16 shots" means 8 pictures per class, as in the paper; shot 
 Classes are the sub-folders of ``root`` (``_`` in a folder name reads as a space). The hard negative
 is either fixed by a ``pairs`` file (``{positive: negative}``, the held-out ISEKAI-style setting,
 where positives already carry invented names) or drawn from the positive's similarity ranking
-(:mod:`vlmkit.core.data.lcl_neighbours`).
+(:mod:`vlmkit.lcl.neighbours`).
 
 Strategies (``strategy``, REFERENCE 1.5), how many shots an episode has. A shot count ``m`` is the
 number of support pictures, both classes together (the paper's "16-shot" = 8 per class), so the
@@ -44,15 +44,14 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
-from vlmkit.core.data.lcl_neighbours import NeighboursConfig, class_embeddings, draw_negative, ranked_intervals, similarity_matrix
+from vlmkit.lcl.neighbours import NeighboursConfig, class_embeddings, draw_negative, ranked_intervals, similarity_matrix
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
-from vlmkit.core.data.synthetic_concepts import invented_word
+from vlmkit.lcl.synthetic_concepts import invented_word
 from vlmkit.core.data.images import ImageDecodeError, read_image_file
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import Dataset, DatasetConfig
+from vlmkit.datasets.class_folders import IMAGE_SUFFIXES, QUESTION, display_name
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-QUESTION = "What is in the image?"
 STRATEGIES = ("2way", "2way_random", "2way_weight", "mix")
 
 
@@ -121,10 +120,6 @@ def shot_distribution(strategy: str, shots: int, min_shots: int, max_shots: int)
         w = [math.exp(c - max_shots) for c in counts]  # e^m, scaled by e^-max against overflow
         return {c: x / sum(w) for c, x in zip(counts, w)}
     raise VlmkitError(f"lcl: strategy '{strategy}' unknown; allowed: {', '.join(STRATEGIES)}")
-
-
-def display_name(folder: str) -> str:
-    return folder.replace("_", " ")
 
 
 class LCLEpisodes(Dataset):
@@ -249,7 +244,7 @@ class LCLEpisodes(Dataset):
         context = [Exchange([Turn("user", QUESTION), Turn("assistant", label)], media=[self._media(f)], id=f"ex{i}")
                    for i, ((f, _), label) in enumerate(zip(support, labels))]
         query = Exchange([Turn("user", QUESTION), Turn("assistant", answer)], media=[self._media(query_file)], id="query")
-        record = Record(id=f"lcl-{index:06d}", group="IMAGE_TEXT_IN_CONTEXT", query=query, context=context)
+        record = Record(id=f"lcl-{index:06d}", query=query, context=context)
         return Episode(record, pos_name, neg_name, answer, other, labels, truth, pos, neg, interval)
 
     def _media(self, file: Path) -> Media:

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 from pydantic import field_validator
 
-from vlmkit.core.data.templates.base import (
+from vlmkit.templates.base import (
     IMAGE,
     SampleBuilder,
     check_record,

@@ -10,10 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmkit.core.data.images import ImageDecodeError, read_image_file
-from vlmkit.core.data.lcl import IMAGE_SUFFIXES, QUESTION, display_name
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import Dataset, DatasetConfig
+
+#: the picture files a class folder's images are read from
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+#: the question every picture is asked with
+QUESTION = "What is in the image?"
+
+
+def display_name(folder: str) -> str:
+    """A class folder's name as the class is said (``_`` reads as a space)."""
+    return folder.replace("_", " ")
 
 
 class ClassFoldersConfig(DatasetConfig):
@@ -57,5 +66,4 @@ class ClassFolders(Dataset):
         except (OSError, ImageDecodeError) as exc:
             raise VlmkitError(f"{self.where}: picture '{file}' cannot be read: {getattr(exc, 'reason', exc)}") from None
         rid = str(file.relative_to(self.root))
-        return Record(id=rid, group="IMAGE_TEXT",
-                      query=Exchange([Turn("user", QUESTION), Turn("assistant", name)], media=[Media(rid, [image])]))
+        return Record(id=rid, query=Exchange([Turn("user", QUESTION), Turn("assistant", name)], media=[Media(rid, [image])]))

@@ -42,7 +42,7 @@ from pydantic import NonNegativeInt, PositiveInt, model_validator
 from vlmkit.core.data.images import ImageStoreError, JsonImages, ParquetImages, open_image_store
 from vlmkit.core.data.build import field_name
 from vlmkit.core.data.records import Exchange, Media, Record, Turn, unencodable_text
-from vlmkit.core.data.skips import SkippingReads, skip_summary
+from vlmkit.core.data.skips import BadRecord, SkippingReads, skip_summary
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import Dataset, DatasetConfig
 
@@ -130,13 +130,6 @@ def _compact(record: dict, force: bool = False) -> Any:
     return _Entry(instruction.strip(), (answer or "").strip(), image_ids, rel)
 
 
-class _Bad(Exception):
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-
 def resample_frames(frame_ids: list[str] | tuple[str, ...], num_frames: int) -> list[str]:
     """``num_frames`` of ``frame_ids`` spread evenly, first and last included, as Otter does
     (``np.linspace(0, n - 1, num_frames).astype(int)``): 8 frames -> 4 gives frames 0, 2, 4, 7.
@@ -222,7 +215,7 @@ class MimicIT(SkippingReads, Dataset):
                 break
             try:
                 self._items.append((rid, self._check(rid, context, source)))
-            except _Bad as bad:
+            except BadRecord as bad:
                 if self.fail:
                     raise VlmkitError(f"{bad.message} (mimicit on_error: fail; 'skip' drops such records)") from None
                 self._skipped.setdefault(bad.kind, []).append(rid)
@@ -269,31 +262,31 @@ class MimicIT(SkippingReads, Dataset):
         return [(str(rid), context, self.train_path) for rid, context in train.items()]
 
     def _check(self, rid: str, context: Any, source: Path) -> tuple[str, ...]:
-        """The query's kept in-context ids, or :class:`_Bad` with the first problem found."""
+        """The query's kept in-context ids, or :class:`BadRecord` with the first problem found."""
         where = f"{self.instructions_path}: record {rid!r}"
         if rid in self._malformed:
             bad = self._malformed[rid]
-            raise _Bad(bad.kind, f"{where}: {bad.reason}" if bad.kind == "bad_text" else f"{where} {bad.reason}")
+            raise BadRecord(bad.kind, f"{where}: {bad.reason}" if bad.kind == "bad_text" else f"{where} {bad.reason}")
         entry = self._entries.get(rid)
         if entry is None:
-            raise _Bad("unknown_id", f"{source}: record {rid!r} is not in {self.instructions_path}")
+            raise BadRecord("unknown_id", f"{source}: record {rid!r} is not in {self.instructions_path}")
         ids = _ids(context)
         if ids is None:
-            raise _Bad("malformed", f"{source}: record {rid!r}: the in-context ids are not a list of ids")
+            raise BadRecord("malformed", f"{source}: record {rid!r}: the in-context ids are not a list of ids")
         if not entry.answer:
-            raise _Bad("empty_answer", f"{where} has an empty answer")
+            raise BadRecord("empty_answer", f"{where} has an empty answer")
         cap = self.config.max_context
         kept = ids if cap is None or cap >= len(ids) else ids[len(ids) - cap :]  # cap 0: ()
         for cid in kept:
             if cid in self._malformed:
                 bad = self._malformed[cid]
                 sep = ": " if bad.kind == "bad_text" else " "
-                raise _Bad(bad.kind, f"{where}: in-context example {cid!r}{sep}{bad.reason}")
+                raise BadRecord(bad.kind, f"{where}: in-context example {cid!r}{sep}{bad.reason}")
             example = self._entries.get(cid)
             if example is None:
-                raise _Bad("unknown_context_id", f"{source}: record {rid!r}: in-context id {cid!r} is not in {self.instructions_path}")
+                raise BadRecord("unknown_context_id", f"{source}: record {rid!r}: in-context id {cid!r} is not in {self.instructions_path}")
             if not example.answer:
-                raise _Bad("empty_answer", f"{where}: in-context example {cid!r} has an empty answer")
+                raise BadRecord("empty_answer", f"{where}: in-context example {cid!r} has an empty answer")
         if self.uses_media:
             self._check_media(rid, rid, entry)
             if self.context_mode == "per_example":
@@ -304,11 +297,11 @@ class MimicIT(SkippingReads, Dataset):
     def _check_media(self, rid: str, owner: str, entry: _Entry) -> None:
         about = f"record {rid!r}" if owner == rid else f"record {rid!r}: in-context example {owner!r}"
         if not entry.image_ids:
-            raise _Bad("missing_image_id", f"{self.instructions_path}: {about} has no image_ids (group {self.group})")
+            raise BadRecord("missing_image_id", f"{self.instructions_path}: {about} has no image_ids (group {self.group})")
         assert self.images is not None
         for image_id in entry.image_ids:
             if image_id not in self.images:
-                raise _Bad("missing_image_id", f"{self.instructions_path}: {about}: image id {image_id!r} is not in {self.images_path}")
+                raise BadRecord("missing_image_id", f"{self.instructions_path}: {about}: image id {image_id!r} is not in {self.images_path}")
 
     # ----------------------------------------------------------------------------------- access
     def __len__(self) -> int:
@@ -337,7 +330,7 @@ class MimicIT(SkippingReads, Dataset):
             context.append(_exchange(cid, example, media))
         query = _exchange(rid, entry, self._media(entry.image_ids, cache) if self.uses_media else [])
         shared = self.uses_media and self.context_mode == "same_media" and bool(context)
-        return Record(id=rid, group=self.group, query=query, context=context, shared_media=shared)
+        return Record(id=rid, query=query, context=context, shared_media=shared)
 
     def _media(self, image_ids: tuple[str, ...], cache: dict[str, Any]) -> list[Media]:
         def image(image_id: str) -> Any:

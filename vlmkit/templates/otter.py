@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from vlmkit.core.data.templates.base import (
+from vlmkit.templates.base import (
     SampleBuilder,
     check_record,
     eos_text,
@@ -40,10 +40,9 @@ from vlmkit.core.data.templates.base import (
     pairs,
     shared_media,
 )
-from vlmkit.core.interfaces import Sample, Template, TemplateConfig
+from vlmkit.core.interfaces import END_OF_CHUNK, IMAGE_TOKEN, Sample, Template, TemplateConfig
 
 ANSWER = "<answer>"
-END_OF_CHUNK = "<|endofchunk|>"
 
 
 class OtterConfig(TemplateConfig):
@@ -53,7 +52,7 @@ class OtterConfig(TemplateConfig):
 
 class OtterTemplate(Template):
     Config: ClassVar[type[TemplateConfig]] = OtterConfig
-    special_tokens: ClassVar[tuple[str, ...]] = ("<image>", ANSWER, END_OF_CHUNK)
+    special_tokens: ClassVar[tuple[str, ...]] = (IMAGE_TOKEN, ANSWER, END_OF_CHUNK)
     stop_tokens: ClassVar[tuple[str, ...]] = (END_OF_CHUNK,)
 
     def render(self, record: Any, tokenizer: Any) -> Sample:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import bisect
 from typing import Any, ClassVar
 
-from vlmkit.core.data.templates.base import (
+from vlmkit.templates.base import (
     IMAGE,
     check_record,
     exchanges,

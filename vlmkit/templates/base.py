@@ -23,8 +23,9 @@ from vlmkit.core.data.records import Exchange, Media, Record
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import Sample
 
-#: the marker the collator expands to the image's placeholder tokens
-IMAGE = "<image>"
+#: the marker the collator expands to the image's placeholder tokens (the templates' name for
+#: :data:`vlmkit.core.interfaces.IMAGE_TOKEN`)
+from vlmkit.core.interfaces import IMAGE_TOKEN as IMAGE  # noqa: E402,F401
 
 
 def record_error(record: Any, message: str) -> VlmkitError:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from vlmkit.core.data.demo import cached_folder
+from vlmkit.demo.data import cached_folder
 
 #: bump when the generated data changes
 CONCEPTS_VERSION = 1
@@ -224,6 +224,6 @@ def write_concepts(
 
 def concepts_data_dir(seed: int = 0) -> Path:
     """The benchmark of ``seed`` in the user's cache (``<cache>/concepts-<version>-<seed>``),
-    written on first use (see :func:`vlmkit.core.data.demo.cached_folder`)."""
+    written on first use (see :func:`vlmkit.demo.data.cached_folder`)."""
     return cached_folder(f"concepts-{CONCEPTS_VERSION}-{int(seed)}", "concepts.json",
                          lambda tmp: write_concepts(tmp, seed=seed))

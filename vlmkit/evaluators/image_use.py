@@ -1,7 +1,7 @@
 """The ``image_use`` evaluator: does the model look at its images? ("is my VLM blind?")
 
 The held-out questions of the named data entries (rendered and typed as the ``instructions``
-evaluator does, :func:`~vlmkit.core.evaluation.instructions.held_out_questions`) are evaluated
+evaluator does, :func:`~vlmkit.evaluators.instructions.held_out_questions`) are evaluated
 three times, under three conditions of their images:
 
 - ``right``: the images as given;
@@ -39,7 +39,7 @@ from pydantic import Field, PositiveInt
 
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.evaluation.generation import generate, split_prompt
-from vlmkit.core.evaluation.instructions import HeldOutQuestion, held_out_questions, read_question_types
+from vlmkit.evaluators.instructions import HeldOutQuestion, held_out_questions, read_question_types
 from vlmkit.core.evaluation.likelihood import answer_loglikelihoods
 from vlmkit.core.evaluation.scoring import exact_match
 from vlmkit.core.interfaces import EvalContext, EvalResult, Evaluator, EvaluatorConfig, Sample

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from vlmkit.core.data.templates.base import (
+from vlmkit.templates.base import (
     SampleBuilder,
     check_record,
     eos_text,

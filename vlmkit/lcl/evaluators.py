@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field, PositiveInt, field_validator
 
-from vlmkit.core.data.lcl import Episode, LCLEpisodes, string_match
+from vlmkit.lcl.episodes import Episode, LCLEpisodes, string_match
 from vlmkit.core.data.records import Exchange, Turn
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.evaluation.generation import generate, split_prompt

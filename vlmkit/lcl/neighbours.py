@@ -138,7 +138,7 @@ def class_embeddings(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(image ``(C, d_v)`` or None, text ``(C, d_t)`` or None) for the classes ``names`` with their
     picture loaders ``images`` (callables returning PIL images); cached on disk by ``cache_key``."""
-    from vlmkit.core.data.demo import cache_root
+    from vlmkit.demo.data import cache_root
 
     digest = hashlib.sha256(json.dumps([cache_key, names, config.model_dump()], sort_keys=True, default=str).encode()).hexdigest()[:20]
     file = cache_root() / "lcl-neighbours" / f"{digest}.safetensors"

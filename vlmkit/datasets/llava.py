@@ -34,13 +34,12 @@ from pydantic import Field, PositiveInt
 from vlmkit.core.data.build import current_where, field_name
 from vlmkit.core.data.images import ImageDecodeError, read_image_file
 from vlmkit.core.data.records import Exchange, Media, Record, Turn, printable, unencodable_text
-from vlmkit.core.data.skips import SkippingReads, skip_summary
+from vlmkit.core.data.skips import BadRecord, SkippingReads, skip_summary
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.interfaces import Dataset, DatasetConfig
+from vlmkit.core.interfaces import IMAGE_TOKEN, Dataset, DatasetConfig
 
-__all__ = ["LlavaConversations", "Captions", "TextOnly", "JsonRecords", "IMAGE_MARKER", "PROBLEMS"]
+__all__ = ["LlavaConversations", "Captions", "TextOnly", "JsonRecords", "PROBLEMS"]
 
-IMAGE_MARKER = "<image>"
 
 #: the kinds of bad record, as :meth:`JsonRecords.error_report` names them. ``bad_text``: a string
 #: that is not valid Unicode (a lone surrogate such as ``"\ud800"``, which JSON escapes can spell);
@@ -48,19 +47,7 @@ IMAGE_MARKER = "<image>"
 #: ``..`` (refused unless ``allow_outside_image_folder: true``)
 PROBLEMS = ("missing_image", "unreadable_image", "empty_answer", "malformed", "bad_text", "outside_image_folder")
 
-#: how many ids of each kind of problem the report keeps
-_FIRST_IDS = 5
-
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
-
-class _Bad(Exception):
-    """A bad record: ``kind`` is one of :data:`PROBLEMS`."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
 
 
 # -------------------------------------------------------------------------------------------- configs
@@ -90,7 +77,7 @@ class CaptionsConfig(ImageDataConfig):
 class JsonRecords(SkippingReads, Dataset):
     """Shared loading, validation and error policy of the JSON readers.
 
-    A subclass implements :meth:`_parse` (one JSON entry -> a prepared item or :class:`_Bad`) and
+    A subclass implements :meth:`_parse` (one JSON entry -> a prepared item or :class:`BadRecord`) and
     :meth:`_record` (a prepared item -> :class:`Record`, loading its images)."""
 
     #: the dataset type, for messages
@@ -117,15 +104,15 @@ class JsonRecords(SkippingReads, Dataset):
         for position, entry in self._entries():
             rid = self._entry_id(entry, position)
             try:
-                if isinstance(entry, _Bad):
+                if isinstance(entry, BadRecord):
                     raise entry
                 if not isinstance(entry, dict):
-                    raise _Bad("malformed", f"expected a JSON object, got {type(entry).__name__}")
+                    raise BadRecord("malformed", f"expected a JSON object, got {type(entry).__name__}")
                 bad_text = unencodable_text(entry)
                 if bad_text:
-                    raise _Bad("bad_text", bad_text)
+                    raise BadRecord("bad_text", bad_text)
                 item = self._parse(entry)
-            except _Bad as bad:
+            except BadRecord as bad:
                 self._problem(bad, rid)
                 continue
             self._items.append((rid, item))
@@ -140,7 +127,7 @@ class JsonRecords(SkippingReads, Dataset):
     # ---------------------------------------------------------------------------------------- reading
     def _entries(self) -> Iterator[tuple[int, Any]]:
         """``(position, entry)`` for each record of the file; a JSONL line that does not parse is
-        a :class:`_Bad` entry."""
+        a :class:`BadRecord` entry."""
         try:
             text = self.path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
@@ -167,7 +154,7 @@ class JsonRecords(SkippingReads, Dataset):
             try:
                 entry: Any = json.loads(line)
             except json.JSONDecodeError as exc:
-                entry = _Bad("malformed", f"line {lineno} is not valid JSON ({exc.msg})")
+                entry = BadRecord("malformed", f"line {lineno} is not valid JSON ({exc.msg})")
             yield position, entry
             position += 1
 
@@ -178,11 +165,11 @@ class JsonRecords(SkippingReads, Dataset):
 
     @abstractmethod
     def _parse(self, entry: dict[str, Any]) -> Any:
-        """One file entry -> the item kept for it (raises ``_Bad`` for a bad record)."""
+        """One file entry -> the item kept for it (raises ``BadRecord`` for a bad record)."""
 
     @abstractmethod
     def _record(self, rid: str, item: Any) -> Record:
-        """A kept item -> its record, images read now (raises ``_Bad`` for a missing image)."""
+        """A kept item -> its record, images read now (raises ``BadRecord`` for a missing image)."""
 
     def _image_path(self, entry: dict[str, Any], key: str = "image", required: bool = True) -> str | None:
         """The entry's image path (relative to ``image_folder``): an absolute one, or one that
@@ -198,22 +185,22 @@ class JsonRecords(SkippingReads, Dataset):
         else:
             return value
         option = f"{self._where}.allow_outside_image_folder" if self._where else "allow_outside_image_folder"
-        raise _Bad("outside_image_folder", f"'{key}' path {value!r} {how}; image paths are read relative to "
+        raise BadRecord("outside_image_folder", f"'{key}' path {value!r} {how}; image paths are read relative to "
                                            f"{self.image_folder} and must stay inside it (set {option}: true to "
                                            "allow paths outside it)")
 
     def _load_image(self, relative: str) -> Any:
         path = self.image_folder / relative
         if not path.is_file():
-            raise _Bad("missing_image", f"image file not found: {path}")
+            raise BadRecord("missing_image", f"image file not found: {path}")
         try:
             return read_image_file(path)
         except (OSError, ImageDecodeError) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
-            raise _Bad("unreadable_image", f"image file {path} is not a readable image ({reason})") from None
+            raise BadRecord("unreadable_image", f"image file {path} is not a readable image ({reason})") from None
 
     # --------------------------------------------------------------------------------- error policy
-    def _problem(self, bad: _Bad, rid: str) -> None:
+    def _problem(self, bad: BadRecord, rid: str) -> None:
         if self._fail:
             raise VlmkitError(f"{self.path}: record {rid}: {bad.message} ({self.type_name} on_error: fail; "
                               "'skip' drops such records)")
@@ -247,7 +234,7 @@ class JsonRecords(SkippingReads, Dataset):
                 self._problem(bad, self._items[j][0])  # raises
             return PROBLEMS.index(bad.kind) + 1
 
-        record = self._first_good(index, build, (_Bad,), mark)
+        record = self._first_good(index, build, (BadRecord,), mark)
         if record is None:
             raise VlmkitError(f"{self.path}: no {self.type_name} record has a readable image; {self.summary()}")
         return record
@@ -264,7 +251,7 @@ def _where(path: Path) -> str:
 def _text(entry: dict[str, Any], key: str) -> str:
     value = entry.get(key)
     if not isinstance(value, str):
-        raise _Bad("malformed", f"'{key}' must be a string, got {'nothing' if value is None else type(value).__name__}")
+        raise BadRecord("malformed", f"'{key}' must be a string, got {'nothing' if value is None else type(value).__name__}")
     return value
 
 
@@ -273,7 +260,7 @@ def _image_path(entry: dict[str, Any], key: str = "image", required: bool = True
     if value is None and not required:
         return None
     if not isinstance(value, str) or not value.strip():
-        raise _Bad("malformed", f"'{key}' must be an image path")
+        raise BadRecord("malformed", f"'{key}' must be an image path")
     return value
 
 
@@ -283,7 +270,7 @@ def _references(entry: dict[str, Any], key: str) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
-        raise _Bad("malformed", f"'{key}' must be a non-empty list of non-empty strings")
+        raise BadRecord("malformed", f"'{key}' must be a non-empty list of non-empty strings")
     return list(value)
 
 
@@ -305,31 +292,31 @@ class LlavaConversations(JsonRecords):
         image = self._image_path(entry, required=False)
         conversation = entry.get("conversations")
         if not isinstance(conversation, list) or not conversation:
-            raise _Bad("malformed", "'conversations' must be a non-empty list of {from, value} turns")
+            raise BadRecord("malformed", "'conversations' must be a non-empty list of {from, value} turns")
         turns: list[tuple[str, str]] = []
         for k, turn in enumerate(conversation):
             if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-                raise _Bad("malformed", f"turn {k} must be {{from: human|gpt, value: text}}")
+                raise BadRecord("malformed", f"turn {k} must be {{from: human|gpt, value: text}}")
             role = _ROLES.get(str(turn.get("from", "")).lower())
             expected = "user" if k % 2 == 0 else "assistant"
             if role != expected:
-                raise _Bad("malformed", f"turn {k} is from '{turn.get('from')}', expected "
+                raise BadRecord("malformed", f"turn {k} is from '{turn.get('from')}', expected "
                                         f"'{'human' if expected == 'user' else 'gpt'}' (turns alternate "
                                         "human/gpt, starting with human)")
             turns.append((role, turn["value"]))
         if len(turns) % 2:
-            raise _Bad("malformed", "the conversation ends with a human turn that has no gpt answer")
+            raise BadRecord("malformed", "the conversation ends with a human turn that has no gpt answer")
         for k, (role, text) in enumerate(turns):
             if role == "assistant" and not text.strip():
-                raise _Bad("empty_answer", f"turn {k} (gpt) is empty")
-            if IMAGE_MARKER in text and (k != 0 or image is None):
+                raise BadRecord("empty_answer", f"turn {k} (gpt) is empty")
+            if IMAGE_TOKEN in text and (k != 0 or image is None):
                 where = "a record without image" if image is None else f"turn {k}"
-                raise _Bad("malformed", f"{IMAGE_MARKER} marker in {where}")
+                raise BadRecord("malformed", f"{IMAGE_TOKEN} marker in {where}")
         first = turns[0][1]
-        if first.count(IMAGE_MARKER) > 1:
-            raise _Bad("malformed", f"more than one {IMAGE_MARKER} marker in the first human turn")
-        if IMAGE_MARKER in first:
-            before, after = first.split(IMAGE_MARKER)
+        if first.count(IMAGE_TOKEN) > 1:
+            raise BadRecord("malformed", f"more than one {IMAGE_TOKEN} marker in the first human turn")
+        if IMAGE_TOKEN in first:
+            before, after = first.split(IMAGE_TOKEN)
             before, after = before.strip(), after.strip()
             first = f"{before}\n{after}" if before and after else before or after
             turns[0] = ("user", first)
@@ -340,7 +327,7 @@ class LlavaConversations(JsonRecords):
         media = [Media(id=image, frames=[self._load_image(image)])] if image is not None else []
         exchange = Exchange(turns=[Turn(role, text) for role, text in turns], media=media, id=rid,
                             references=references)
-        return Record(id=rid, group="IMAGE_TEXT" if media else "TEXT_ONLY", query=exchange)
+        return Record(id=rid, query=exchange)
 
 
 class Captions(JsonRecords):
@@ -361,12 +348,12 @@ class Captions(JsonRecords):
         image = self._image_path(entry)
         if "captions" in entry:
             if "caption" in entry:
-                raise _Bad("malformed", "give 'caption' or 'captions', not both")
+                raise BadRecord("malformed", "give 'caption' or 'captions', not both")
             references = _references(entry, "captions")
             return image, references[0], references
         caption = _text(entry, "caption")
         if not caption.strip():
-            raise _Bad("empty_answer", "the caption is empty")
+            raise BadRecord("empty_answer", "the caption is empty")
         return image, caption, []
 
     def _record(self, rid: str, item: Any) -> Record:
@@ -374,7 +361,7 @@ class Captions(JsonRecords):
         media = [Media(id=image, frames=[self._load_image(image)])]
         turns = [Turn("user", self.config.prompt), Turn("assistant", caption)]
         exchange = Exchange(turns=turns, media=media, id=rid, references=references)
-        return Record(id=rid, group="CAPTION", query=exchange)
+        return Record(id=rid, query=exchange)
 
 
 class TextOnly(JsonRecords):
@@ -388,12 +375,12 @@ class TextOnly(JsonRecords):
         instruction = _text(entry, "instruction")
         answer = _text(entry, "answer")
         if not answer.strip():
-            raise _Bad("empty_answer", "the answer is empty")
-        if IMAGE_MARKER in instruction or IMAGE_MARKER in answer:
-            raise _Bad("malformed", f"{IMAGE_MARKER} marker in a text-only record")
+            raise BadRecord("empty_answer", "the answer is empty")
+        if IMAGE_TOKEN in instruction or IMAGE_TOKEN in answer:
+            raise BadRecord("malformed", f"{IMAGE_TOKEN} marker in a text-only record")
         return instruction, answer
 
     def _record(self, rid: str, item: Any) -> Record:
         instruction, answer = item
         turns = [Turn("user", instruction), Turn("assistant", answer)]
-        return Record(id=rid, group="TEXT_ONLY", query=Exchange(turns=turns, id=rid))
+        return Record(id=rid, query=Exchange(turns=turns, id=rid))
