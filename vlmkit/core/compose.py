@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vlmkit.core.errors import RecipeError, VlmkitError
-from vlmkit.core.interfaces import Connector, Fusion, LanguageDecoder, VisionEncoder
+from vlmkit.core.interfaces import BuildContext, Connector, Fusion, LanguageDecoder, VisionEncoder
 from vlmkit.core.recipe.loader import ResolvedRecipe
 
 IMAGE_TOKEN = "<image>"
@@ -123,14 +123,15 @@ class VisionLanguageModel(nn.Module):
 
 def build_model(resolved: ResolvedRecipe, registry: Any = None, meta: bool = False) -> VisionLanguageModel:
     """Construct every component of ``resolved`` and wire their widths. ``meta``: on the meta
-    device, reading and downloading no weights (:mod:`vlmkit.core.meta`), to count parameters."""
+    device, reading and downloading no weights (:mod:`vlmkit.core.meta`), to count parameters:
+    every component is built with a :class:`~vlmkit.core.interfaces.BuildContext` that says so,
+    under ``torch.device("meta")``, and no ``load_weights`` is called."""
+    context = BuildContext(meta=meta)
     if meta:
-        from vlmkit.core.meta import meta_build
-
-        with meta_build():
-            return build_model(resolved, registry)
+        with torch.device("meta"):
+            return _build_model(resolved, registry, context)
     try:
-        return _build_model(resolved, registry)
+        return _build_model(resolved, registry, context)
     except (MemoryError, RuntimeError) as exc:
         if not is_allocation_failure(exc):
             raise
@@ -184,7 +185,7 @@ def _allocation_message(resolved: ResolvedRecipe, registry: Any, exc: BaseExcept
             "model smaller (the sizes in the model section) or use a machine with more memory")
 
 
-def _build_model(resolved: ResolvedRecipe, registry: Any) -> VisionLanguageModel:
+def _build_model(resolved: ResolvedRecipe, registry: Any, context: BuildContext) -> VisionLanguageModel:
     if registry is None:
         from vlmkit.core.registry import get_registry
 
@@ -194,7 +195,7 @@ def _build_model(resolved: ResolvedRecipe, registry: Any) -> VisionLanguageModel
 
     def construct(kind: str, config: Any) -> Any:
         cls = registry.component_class(kind, specs[kind].name)
-        return cls(config)
+        return cls.build(config, context)
 
     decoder = construct("decoder", specs["decoder"].config)
     encoder = construct("encoder", specs["encoder"].config)

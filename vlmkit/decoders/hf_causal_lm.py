@@ -22,8 +22,8 @@ from pydantic import field_validator, model_validator
 from torch import nn
 
 from vlmkit.core.errors import VlmkitError, listing, suggest
-from vlmkit.core.interfaces import DecoderConfig, LanguageDecoder
-from vlmkit.core.meta import architecture, on_meta, stand_in_tokenizer
+from vlmkit.core.interfaces import BuildContext, DecoderConfig, LanguageDecoder
+from vlmkit.core.meta import architecture, stand_in_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -276,7 +276,14 @@ class HFCausalLM(LanguageDecoder):
 
     Config = HFCausalLMConfig
 
-    def __init__(self, config: HFCausalLMConfig):
+    @classmethod
+    def build(cls, config: HFCausalLMConfig, context: BuildContext) -> "HFCausalLM":
+        """transformers builds and loads a pretrained model in one call (``from_pretrained``): on the
+        meta device the architecture is built from its config only, with a stand-in tokenizer."""
+        return cls(config, meta=context.meta)
+
+    def __init__(self, config: HFCausalLMConfig, *, meta: bool = False):
+        """``meta``: build on the meta device (under ``torch.device("meta")``), reading no weights."""
         super().__init__(config)
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -284,7 +291,6 @@ class HFCausalLM(LanguageDecoder):
         common: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
         if config.attn_implementation is not None:
             common["attn_implementation"] = config.attn_implementation
-        meta = on_meta()
         if meta and config.pretrained is not None and config.tokenizer is None and config.tokenizer_type == "pretrained":
             self._tokenizer = stand_in_tokenizer(config.pretrained, "model.decoder.pretrained")
         else:
@@ -389,7 +395,9 @@ class HFCausalLM(LanguageDecoder):
         added = [t for t in tok.get_vocab() if t not in before]
         self.new_token_ids.extend(sorted(int(tok.convert_tokens_to_ids(t)) for t in added))
         if len(tok) > self.model.get_input_embeddings().num_embeddings:
-            self.model.resize_token_embeddings(len(tok), mean_resizing=self.config.new_token_init == "mean" and not on_meta())
+            self.model.resize_token_embeddings(
+                len(tok), mean_resizing=self.config.new_token_init == "mean" and not self.model.get_input_embeddings().weight.is_meta,
+            )
         return {t: int(tok.convert_tokens_to_ids(t)) for t in tokens}
 
     def get_output_embeddings(self) -> nn.Module | None:
