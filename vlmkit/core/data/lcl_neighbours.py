@@ -169,9 +169,9 @@ def class_embeddings(
             text = torch.stack(rows)
     from safetensors.torch import save_file
 
-    file.parent.mkdir(parents=True, exist_ok=True)
+    from vlmkit.core.checkpoint import atomic_file
+
     tensors = {k: v.contiguous() for k, v in (("image", image), ("text", text)) if v is not None}
-    tmp = file.with_suffix(f".tmp{random.randrange(1 << 30)}")
-    save_file(tensors, str(tmp))
-    Path(tmp).replace(file)
+    with atomic_file(file) as tmp:
+        save_file(tensors, str(tmp))
     return image, text

@@ -118,8 +118,18 @@ def run(
     return Engine(resolved, Path(output_dir), registry, progress).run(resume, overwrite)
 
 
-def _recipe_body(text: str) -> str:
-    return "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+def same_recipe(stored_yaml: str, resolved: ResolvedRecipe) -> bool:
+    """Whether a checkpoint's ``recipe.yaml`` is the recipe ``resolved``: the two parsed mappings of
+    the resolved recipes are equal (comments, such as the header naming the source file and the
+    ``--set`` options that produced it, key order and formatting do not count). A stored recipe
+    that does not parse is a different one."""
+    from vlmkit.core.recipe.yaml_io import dump_yaml, parse_yaml_mapping
+
+    try:
+        stored = parse_yaml_mapping(stored_yaml, "checkpoint recipe.yaml")
+    except VlmkitError:
+        return False
+    return stored == parse_yaml_mapping(dump_yaml(resolved.data), "resolved recipe")
 
 
 class Engine:
@@ -163,7 +173,7 @@ class Engine:
         state: LoadedState | None = None
         if existing and resume is not False:
             state = load_training_state(existing[-1])
-            if resume is None and _recipe_body(state.recipe_yaml) != _recipe_body(self.resolved.to_yaml()):
+            if resume is None and not same_recipe(state.recipe_yaml, self.resolved):
                 raise VlmkitError(
                     f"{out} holds checkpoints of a different recipe (see {existing[-1] / 'recipe.yaml'}); choose another "
                     "--output-dir, or pass --resume to continue that run with this recipe"
