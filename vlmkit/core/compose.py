@@ -48,6 +48,18 @@ class VisionLanguageModel(nn.Module):
         """``<image>`` tokens the text carries for one image."""
         return self.fusion.placeholder_tokens(self.tokens_per_image(num_frames))
 
+    def collator(self, **options: Any) -> Any:
+        """The :class:`~vlmkit.core.data.collate.Collator` for this model's samples: its decoder's
+        tokenizer, its encoder's preprocessing and ``<image>`` expanded to its placeholder tokens;
+        ``options`` (``max_length``, ``padding_side``, ``prompts``, ``frame_keys``) pass through.
+        The one place a collator is made for a model (training, evaluation, benchmarks)."""
+        from vlmkit.core.data.collate import Collator
+
+        return Collator(
+            tokenizer=self.decoder.tokenizer, preprocess=self.encoder.preprocess, image_token=IMAGE_TOKEN,
+            placeholder_tokens=self.placeholder_tokens, **options,
+        )
+
     def encode_media(
         self,
         vision_x: torch.Tensor,

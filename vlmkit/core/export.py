@@ -531,9 +531,8 @@ def load_with_recipe(
     ``trust_remote_code``: the caller's consent to run the code an export's recipe asks for (see
     :func:`load`)."""
     from vlmkit.core.compose import build_model
-    from vlmkit.core.recipe.loader import validate_mapping
-    from vlmkit.core.recipe.merge import apply_override, parse_override
-    from vlmkit.core.recipe.yaml_io import read_yaml_mapping
+    from vlmkit.core.recipe.loader import load_recipe
+    from vlmkit.core.recipe.merge import parse_override
 
     folder = find_export(path)
     if not folder.exists():
@@ -557,14 +556,13 @@ def load_with_recipe(
         raise VlmkitError(f"'{meta_path}': files.{MODEL_FILE} is missing; the export is incomplete")
     adapters_listed = _listed_keys(meta, ADAPTERS_FILE, meta_path)
 
-    data = read_yaml_mapping(recipe_path)
     for text in overrides:
-        parts, value = parse_override(text)
+        parts, _ = parse_override(text)
         if parts[0] not in OVERRIDABLE:
             raise VlmkitError(f"--set {text}: only the recipe's {' and '.join(OVERRIDABLE)} sections can change for an "
                               f"exported model (its model and training are fixed by {recipe_path})")
-        apply_override(data, parts, value, text)
-    resolved = validate_mapping(data, str(recipe_path), registry=registry, source=str(recipe_path), overrides=list(overrides))
+    # the export's resolved recipe, read like any recipe file (no profile), the --set changes applied by the loader
+    resolved = load_recipe(recipe_path, overrides=list(overrides), registry=registry, bare=True)
     requests = remote_code_requests(resolved)
     if requests and trust_remote_code is not True:
         raise VlmkitError(
