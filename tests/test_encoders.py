@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tiny import resolved_toy
+from vlmkit.core.engine.step import answer_loss
 from vlmkit.core.compose import build_model
 from vlmkit.core.data.collate import Collator, image_to_tensor
 from tiny import ToyCaptions, ToyCaptionsConfig  # rendered with llava_plain, as the toy recipe does
@@ -444,9 +445,9 @@ def test_each_encoder_composes_and_trains(kind, tmp_path):
     assert model.placeholder_tokens() == model.encoder.num_tokens() == 16
     collator = Collator(model.decoder.tokenizer, model.encoder.preprocess, "<image>", model.placeholder_tokens())
     batch = collator([ToyCaptions(ToyCaptionsConfig(num_samples=2, image_size=32))[i] for i in range(2)])
-    out = model(**{k: v for k, v in batch.items() if k != "ids"})
-    assert torch.isfinite(out.loss)
-    out.loss.backward()
+    loss = answer_loss(model(**{k: v for k, v in batch.items() if k not in ("ids", "labels")}).logits, batch["labels"])
+    assert torch.isfinite(loss)
+    loss.backward()
     assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.connector.parameters())
     assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.encoder.parameters())
 

@@ -111,10 +111,10 @@ def test_kill_9_at_a_random_moment_then_resume(reference, tmp_path):
 
 def test_ctrl_c_saves_and_resume_is_exact(reference, tmp_path, monkeypatch):
     path, ref = reference
-    from vlmkit.core.engine import trainer
+    from vlmkit.core.engine import step as step_module
 
     calls = {"n": 0}
-    original = trainer.Engine._step
+    original = step_module.TrainStep.__call__
 
     def interrupting(self, *args, **kwargs):
         calls["n"] += 1
@@ -122,7 +122,7 @@ def test_ctrl_c_saves_and_resume_is_exact(reference, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(trainer.Engine, "_step", interrupting)
+    monkeypatch.setattr(step_module.TrainStep, "__call__", interrupting)
     resolved = load_recipe(path.parent / path.name)
     data = yaml.safe_load(path.read_text())
     data["run"]["checkpoint_every"] = 100  # only the Ctrl-C checkpoint inside stage 1

@@ -107,16 +107,21 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor,
         vision_x: torch.Tensor,
         media_mask: torch.Tensor,
-        labels: torch.Tensor | None = None,
         feature_cache: Any = None,
         frame_keys: list[str] | None = None,
         **decoder_kwargs: Any,
     ) -> Any:
-        """``feature_cache``, ``frame_keys``: the frozen encoder's cached features (see
-        :meth:`encode_media`); the engine passes them with ``run.cache_features``."""
+        """A collated batch's tensors -> the decoder's output (``logits (B, L, vocab)``).
+        ``feature_cache``, ``frame_keys``: the frozen encoder's cached features (see
+        :meth:`encode_media`); the engine passes them with ``run.cache_features``. The model
+        computes no loss: :mod:`vlmkit.core.engine.step` does (one definition), so ``labels`` is
+        refused here rather than passed on to the decoder."""
+        if "labels" in decoder_kwargs:
+            raise TypeError("VisionLanguageModel.forward takes no labels: compute the loss from the logits with "
+                            "vlmkit.core.engine.step.answer_loss (the training step's loss)")
         with self._autocast(input_ids.device):
             media = self.encode_media(vision_x, media_mask, feature_cache, frame_keys)
-            return self.fusion(self.decoder, input_ids, attention_mask, media, media_mask, labels=labels, **decoder_kwargs)
+            return self.fusion(self.decoder, input_ids, attention_mask, media, media_mask, **decoder_kwargs)
 
     @torch.no_grad()
     def generate(

@@ -239,14 +239,16 @@ class Fusion(ModelComponent, ABC):
         attention_mask: torch.Tensor,
         media: torch.Tensor,
         media_mask: torch.Tensor,
-        labels: torch.Tensor | None = None,
         **decoder_kwargs: Any,
     ) -> Any:
         """Run the decoder.
 
-        ``input_ids, attention_mask, labels``: ``(B, L)``; ``media``: ``(B, T_img, Q, d)`` connector
-        outputs; ``media_mask``: ``(B, T_img)`` bool, True for real (not padded) images.
-        Returns the decoder's output (``loss`` when labels are given, ``logits (B, L, vocab)``).
+        ``input_ids, attention_mask``: ``(B, L)``; ``media``: ``(B, T_img, Q, d)`` connector
+        outputs; ``media_mask``: ``(B, T_img)`` bool, True for real (not padded) images;
+        ``decoder_kwargs`` (``logits_to_keep``, ``use_cache``) pass on to the decoder.
+        Returns the decoder's output with ``logits (B, L, vocab)``. A fusion computes no loss: the
+        training step does (:mod:`vlmkit.core.engine.step`) from the collator's labels, which
+        already leave the ``<image>`` positions untrained.
         """
 
     @abstractmethod
