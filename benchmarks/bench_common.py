@@ -386,7 +386,7 @@ class VlmkitTrainer:
         from vlmkit.core.tuning import apply_tuning, new_token_rows as rows_of
 
         self.stage = resolved.recipe.stages[stage_index]
-        report = apply_tuning(model, self.stage.tune, f"stages.{stage_index}", new_token_rows=new_token_rows)
+        report = apply_tuning(model, self.stage.tune, f"stages.{stage_index}", new_token_rows=new_token_rows).report
         groups = param_groups(model, self.stage)
         self.trainable = [p for g in groups for p in g["params"]]
         self._tmp = tempfile.TemporaryDirectory(prefix="vlmkit-bench-run-")

@@ -252,14 +252,14 @@ def _tune(**modes):
 
 def test_tuning_modes(tmp_path):
     model = build_model(resolved_toy(tmp_path))
-    report = apply_tuning(model, _tune(connector="full"), "stages.0")
+    report = apply_tuning(model, _tune(connector="full"), "stages.0").report
     assert report["connector"]["frozen"] == 0 and report["decoder"]["trainable"] == 0
-    report = apply_tuning(model, _tune(decoder={"mode": "partial", "last_layers": 1}), "stages.0")
+    report = apply_tuning(model, _tune(decoder={"mode": "partial", "last_layers": 1}), "stages.0").report
     layers = model.decoder.decoder_layers()
     assert all(p.requires_grad for p in layers[-1].parameters())
     assert not any(p.requires_grad for p in layers[0].parameters())
     assert report["decoder"]["trainable"] == sum(p.numel() for p in layers[-1].parameters())
-    report = apply_tuning(model, _tune(decoder={"mode": "lora", "lora": {"r": 4}}), "stages.1")
+    report = apply_tuning(model, _tune(decoder={"mode": "lora", "lora": {"r": 4}}), "stages.1").report
     trainable = [n for n, p in model.decoder.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert any(n.endswith("q_proj.lora_A.default.weight") for n in trainable)
@@ -323,7 +323,7 @@ def test_embedding_rows_new_tokens_vs_all(tmp_path, family):
         tables = embedding_tables(dec)
         assert len(tables) == (1 if family == "gpt2_tied" else 2)
         tune = _tune(connector="full").model_copy(update={"embeddings": mode})
-        report = apply_tuning(model, tune, "stages.0")
+        report = apply_tuning(model, tune, "stages.0").report
         width = tables[0].shape[1]
         expected = 2 * width * len(tables) if mode == "new_tokens" else sum(t.numel() for t in tables)
         assert report["embeddings"]["trainable"] == expected

@@ -53,3 +53,40 @@ def test_same_recipe_compares_the_parsed_recipe_not_its_text() -> None:
     # a stored file that is no recipe mapping is another recipe, not a crash
     assert not same_recipe("- just\n- a list\n", resolved)
     assert not same_recipe("name: [unclosed\n", resolved)
+
+
+# ------------------------------------------------------------------------------ decoder layers
+TINY_FAMILIES = {
+    "llama": ({"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+               "num_attention_heads": 2}, "model.layers"),
+    "gpt2": ({"model_type": "gpt2", "n_embd": 32, "n_layer": 3, "n_head": 2}, "transformer.h"),
+    "qwen2": ({"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+               "num_attention_heads": 2}, "model.layers"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_decoder_layers_are_the_list_of_the_blocks_the_model_names(family: str) -> None:
+    """transformers' ``_no_split_modules`` names each family's block class; the layer list is found
+    through it, not by its length. Fails loudly if transformers stops naming them."""
+    from vlmkit.decoders.hf_causal_lm import HFCausalLM, HFCausalLMConfig
+
+    config, path = TINY_FAMILIES[family]
+    dec = HFCausalLM(HFCausalLMConfig(config=config, tokenizer_type="byte_level"))
+    assert dec.model._no_split_modules  # what the search relies on
+    layers = dec.decoder_layers()
+    assert layers is dec.model.get_submodule(path) and len(layers) == 3
+
+
+def test_a_model_without_named_blocks_asks_for_layers_path() -> None:
+    from vlmkit.core.errors import VlmkitError
+    from vlmkit.decoders.hf_causal_lm import HFCausalLM, HFCausalLMConfig
+
+    config, _ = TINY_FAMILIES["llama"]
+    dec = HFCausalLM(HFCausalLMConfig(config=config, tokenizer_type="byte_level"))
+    dec.model._no_split_modules = []
+    with pytest.raises(VlmkitError, match="model.decoder.layers_path"):
+        dec.decoder_layers()
+    dec = HFCausalLM(HFCausalLMConfig(config=config, tokenizer_type="byte_level", layers_path="model.layers"))
+    dec.model._no_split_modules = []
+    assert len(dec.decoder_layers()) == 3

@@ -416,18 +416,21 @@ class HFCausalLM(LanguageDecoder):
             if not isinstance(node, nn.ModuleList):
                 raise VlmkitError(f"model.decoder.layers_path: '{self.config.layers_path}' is a {type(node).__name__}, not a ModuleList")
             return node
-        n_layers = getattr(self.model.config, "num_hidden_layers", None) or getattr(self.model.config, "n_layer", None)
+        # the model names its transformer block classes itself (transformers' ``_no_split_modules``,
+        # what accelerate's device maps keep whole): the layers are the one list of such blocks
+        blocks = set(getattr(self.model, "_no_split_modules", None) or ())
         candidates = [
-            (name, mod)
-            for name, mod in self.model.named_modules()
-            if isinstance(mod, nn.ModuleList) and n_layers is not None and len(mod) == n_layers
+            name for name, mod in self.model.named_modules()
+            if isinstance(mod, nn.ModuleList) and len(mod) and all(type(m).__name__ in blocks for m in mod)
         ]
-        if not candidates:
+        if len(candidates) != 1:
+            found = f"{len(candidates)} lists of them ({', '.join(candidates)})" if candidates else "no list of them"
             raise VlmkitError(
-                f"model.decoder: no list of {n_layers} decoder layers found in {type(self.model).__name__}; "
-                "name it with model.decoder.layers_path (e.g. model.layers)"
+                f"model.decoder: {type(self.model).__name__} names its decoder layer classes as "
+                f"{sorted(blocks) or 'nothing'} and holds {found}; name the layers with model.decoder.layers_path "
+                "(e.g. model.layers)"
             )
-        return min(candidates, key=lambda c: c[0].count("."))[1]
+        return self.model.get_submodule(candidates[0])
 
     def lora_target_modules(self) -> list[str]:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping

@@ -56,11 +56,12 @@ from vlmkit.core.recipe.loader import ResolvedRecipe
 from vlmkit.core.recipe.preflight import check_init_from_files
 from vlmkit.core.recipe.schema import StageSpec
 from vlmkit.core.tuning import (
-    apply_tuning,
+    StageTuning,
+    TuningRecord,
     fit_row_moments,
     new_token_rows,
+    records_json,
     release_new_token_rows,
-    trained_names,
 )
 
 class RunInterrupted(VlmkitError):
@@ -144,7 +145,8 @@ class Engine:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.main = self.accelerator.is_main_process
         self.progress = progress and self.main
-        self.trained: set[str] = set()  # parameter names trained so far in the run
+        self.trained: set[str] = set()  # parameter names trained so far in the run (the records' names)
+        self.tunings: list[TuningRecord] = []  # what each stage's tuning made trainable, in order
         self.log = None
         run_spec = self.recipe.run
         #: the frozen encoder's features, by frame content (run.cache_features); lives for the run
@@ -264,8 +266,7 @@ class Engine:
         for k in range(t.stage_index + 1):
             if not self.recipe.stages[k].enabled:
                 continue
-            apply_tuning(model, self.recipe.stages[k].tune, f"stages.{k}", new_token_rows=not self._sharded())
-            self.trained |= trained_names(model)
+            self._tune(model, k)
         params = dict(model.named_parameters())
         unknown = sorted(set(state.weights) - set(params))
         if unknown:
@@ -290,8 +291,7 @@ class Engine:
         if stage.init_from is not None and state is None:
             self._init_from(model, stage, label)
         # trainable parameters now fp32 master weights; new_tokens: row parameters of the added tokens
-        report = apply_tuning(model, stage.tune, label, new_token_rows=not self._sharded())
-        self.trained |= trained_names(model)
+        report = self._tune(model, k).report
         self._check_precision(model, stage, label)
         groups = param_groups(model, stage)
         if not groups:
@@ -395,6 +395,14 @@ class Engine:
         self._speed_report(stage, cache, passes, train_step.length_groups)
         checkpoint = self._save(model, optimizer, scheduler, scaler, k, step, consumed, True)
         return StageResult(stage.name, step, losses, checkpoint, cache, passes)
+
+    def _tune(self, model: VisionLanguageModel, k: int) -> TuningRecord:
+        """Apply stage ``k``'s tuning (the previous one's gradient masks removed) and keep its record."""
+        tuning = StageTuning(self.recipe.stages[k].tune, f"stages.{k}.tune", new_token_rows=not self._sharded())
+        record = tuning.apply(model, previous=self.tunings[-1] if self.tunings else None)
+        self.tunings.append(record)
+        self.trained |= set(record.names)
+        return record
 
     def train_step(self, model: VisionLanguageModel, stage: StageSpec, report: dict[str, dict[str, int]]) -> TrainStep:
         """The stage's training step (:class:`~vlmkit.core.engine.step.TrainStep`) with its precision,
@@ -542,6 +550,7 @@ class Engine:
             path = save_training_state(
                 self.output_dir, weights=weights, optimizer=None if sharded else optimizer, scheduler=scheduler, scaler=scaler,
                 trainer=trainer, recipe_yaml=self.resolved.to_yaml(), keep_last=self.recipe.run.keep_last, rng=rng,
+                tuning_json=records_json(self.tunings),
             )
         acc.wait_for_everyone()
         return path
