@@ -164,6 +164,10 @@ def test_frozen_bitwise_unchanged_trainable_changed(reference):
 
     fresh = build_model(load_recipe(path))
     trained = load_file(str(checkpoint_dirs(ref)[-1] / "model.safetensors"))
+    # tuning.json beside the weights: each stage's record, whose names are exactly the weights saved
+    records = json.loads((checkpoint_dirs(ref)[-1] / "tuning.json").read_text())
+    assert [r["stage"] for r in records] == ["stages.0", "stages.1"]
+    assert set().union(*(r["names"] for r in records)) == set(trained)
     assert any(k.startswith("connector.") for k in trained) and any(k.startswith("decoder.") for k in trained)
     assert not any(k.startswith("encoder.") for k in trained)
     init = dict(fresh.named_parameters())

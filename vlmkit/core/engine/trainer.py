@@ -400,7 +400,10 @@ class Engine:
         """Apply stage ``k``'s tuning (the previous one's gradient masks removed) and keep its record."""
         tuning = StageTuning(self.recipe.stages[k].tune, f"stages.{k}.tune", new_token_rows=not self._sharded())
         record = tuning.apply(model, previous=self.tunings[-1] if self.tunings else None)
-        self.tunings.append(record)
+        if self.tunings and self.tunings[-1].stage == record.stage:
+            self.tunings[-1] = record  # a resumed stage, applied again after its restore
+        else:
+            self.tunings.append(record)
         self.trained |= set(record.names)
         return record
 
