@@ -145,7 +145,9 @@ def build_openflamingo(scale: str, resolved: Any, source: Any, encoder: Any = No
             from vlmkit.core.registry import get_registry
 
             spec = resolved.components["encoder"]
-            encoder = get_registry().component_class("encoder", spec.name)(spec.config)
+            from vlmkit.core.interfaces import BuildContext
+
+            encoder = get_registry().component_class("encoder", spec.name).build(spec.config, BuildContext())
         vision, vis_dim = _TokensOnly(encoder), encoder.width
     extend_instance(lang, FlamingoLMMixin)
     lang.set_decoder_layers_attr_name("model.layers")

@@ -16,7 +16,7 @@ from vlmkit.core.compose import build_model
 from vlmkit.core.data.collate import IGNORE, Collator
 from tiny import ToyCaptions, ToyCaptionsConfig  # rendered with llava_plain, as the toy recipe does
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.interfaces import Sample
+from vlmkit.core.interfaces import BuildContext, Sample
 from vlmkit.core.recipe.schema import StageTune
 from vlmkit.core.tuning import apply_tuning
 from vlmkit.decoders.byte_tokenizer import byte_level_tokenizer
@@ -59,7 +59,7 @@ def test_timm_weights_from_safetensors_and_pth(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     for name in ("w.safetensors", "w.pth"):
         torch.manual_seed(2)
-        loaded = TimmEncoder(TimmEncoderConfig(**cfg, weights=str(tmp_path / name)))
+        loaded = TimmEncoder.build(TimmEncoderConfig(**cfg, weights=str(tmp_path / name)), BuildContext())
         torch.testing.assert_close(loaded(x), source(x))
 
 
@@ -72,7 +72,7 @@ def test_pickled_objects_are_refused(tmp_path):
     with path.open("wb") as f:
         pickle.dump({"x": Evil()}, f, protocol=2)
     with pytest.raises(VlmkitError, match="weights-only"):
-        TimmEncoder(TimmEncoderConfig(model_name="vit_tiny_patch16_224", image_size=32, model_kwargs=VIT, weights=str(path)))
+        TimmEncoder.build(TimmEncoderConfig(model_name="vit_tiny_patch16_224", image_size=32, model_kwargs=VIT, weights=str(path)), BuildContext())
 
 
 # ------------------------------------------------------------------------------------ connectors

@@ -130,7 +130,9 @@ def _build(kind: str, spec: dict[str, Any], where: str) -> Any:
         config = cls.Config(**spec)
     except Exception as exc:  # pydantic ValidationError: name the section
         raise VlmkitError(f"{where}: {exc}") from None
-    return cls(config)
+    from vlmkit.core.interfaces import BuildContext
+
+    return cls.build(config, BuildContext())  # constructed, then its weights read
 
 
 def class_embeddings(
