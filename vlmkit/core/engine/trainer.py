@@ -4,8 +4,9 @@ Stages run in the recipe's order on one model, so each starts from the weights t
 left. Per step: ``grad_accum`` micro-batches of ``batch_size`` samples over all processes, taken
 by :class:`vlmkit.core.engine.step.TrainStep` (forward, loss, backward, optimizer step; the loss is
 the token-level cross-entropy normalised by the number of answer tokens in the whole global batch);
-the engine orchestrates around it (stages, resume, data order, checkpoints, evaluation, reports). Checkpoints (:mod:`vlmkit.core.engine.state`) make a run resumable exactly: a resumed run
-ends bitwise equal to an uninterrupted one on the CPU.
+the engine orchestrates around it (stages, resume, data order, checkpoints, evaluation, reports).
+Checkpoints (:mod:`vlmkit.core.engine.state`) make a run resumable exactly: a resumed run ends
+bitwise equal to an uninterrupted one on the CPU.
 
 Precision: ``precision: bf16`` / ``fp16`` runs each forward under autocast (fp16 with a gradient
 scaler); the loss is taken in fp32. Whatever dtype a component is loaded in, the parameters a stage
@@ -63,6 +64,7 @@ from vlmkit.core.tuning import (
     records_json,
     release_new_token_rows,
 )
+
 
 class RunInterrupted(VlmkitError):
     """Ctrl-C: a checkpoint was saved; running the same command again resumes."""
