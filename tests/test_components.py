@@ -193,8 +193,8 @@ def test_prefix_places_images_and_padding_side_does_not_matter(model):
     left = _collator(model, "left")(samples)
     assert right["media_mask"].tolist() == [[True, True], [True, False]]
     with torch.no_grad():
-        out_r = model(**{k: v for k, v in right.items() if k != "ids"})
-        out_l = model(**{k: v for k, v in left.items() if k != "ids"})
+        out_r = model(**{k: v for k, v in right.items() if k not in ("ids", "labels")})
+        out_l = model(**{k: v for k, v in left.items() if k not in ("ids", "labels")})
     # sample 1 is shorter: compare its real positions under both paddings
     n = int(right["attention_mask"][1].sum())
     torch.testing.assert_close(out_r.logits[1, :n], out_l.logits[1, -n:], atol=1e-4, rtol=1e-4)
@@ -204,7 +204,7 @@ def test_prefix_places_images_and_padding_side_does_not_matter(model):
 def test_prefix_image_tokens_reach_their_positions(model):
     samples = _samples()
     batch = _collator(model)(samples)
-    tensors = {k: v for k, v in batch.items() if k != "ids"}
+    tensors = {k: v for k, v in batch.items() if k not in ("ids", "labels")}
     media = model.encode_media(tensors["vision_x"], tensors["media_mask"])
     ids = tensors["input_ids"]
     captured = {}
@@ -238,7 +238,7 @@ def test_prefix_image_tokens_reach_their_positions(model):
 
 def test_prefix_rejects_marker_image_mismatch(model):
     batch = _collator(model)(_samples())
-    tensors = {k: v for k, v in batch.items() if k != "ids"}
+    tensors = {k: v for k, v in batch.items() if k not in ("ids", "labels")}
     tensors["media_mask"] = torch.tensor([[True, False], [True, False]])
     with pytest.raises(VlmkitError, match="<image> token positions"):
         model(**tensors)
