@@ -371,9 +371,10 @@ def to_device(batch: dict[str, Any]) -> dict[str, Any]:
 class VlmkitTrainer:
     """One training step of a vlmkit model exactly as the engine takes it: the stage's tune modes
     (:func:`vlmkit.core.tuning.apply_tuning`), its parameter groups and AdamW, frozen components in
-    eval mode, and the engine's own step (``Engine._step``: forward, token-level cross-entropy,
-    backward, gradient clipping at the stage's ``max_grad_norm``, optimizer step), then the
-    scheduler step and ``zero_grad(set_to_none=True)``.
+    eval mode, and the engine's own training step (:class:`vlmkit.core.engine.step.TrainStep` as
+    ``Engine.train_step`` configures it for the stage: forward, token-level cross-entropy, backward,
+    gradient clipping at the stage's ``max_grad_norm``, optimizer step), then the scheduler step and
+    ``zero_grad(set_to_none=True)``.
 
     The recipe's ``run.cache_features`` and ``run.length_groups`` apply as in the engine (batches
     then need the collator's ``frame_keys``); ``new_token_rows=False`` trains ``embeddings:
@@ -385,7 +386,7 @@ class VlmkitTrainer:
         from vlmkit.core.tuning import apply_tuning, new_token_rows as rows_of
 
         self.stage = resolved.recipe.stages[stage_index]
-        report = apply_tuning(model, self.stage.tune, f"stages.{stage_index}", new_token_rows=new_token_rows)
+        report = apply_tuning(model, self.stage.tune, f"stages.{stage_index}", new_token_rows=new_token_rows).report
         groups = param_groups(model, self.stage)
         self.trainable = [p for g in groups for p in g["params"]]
         self._tmp = tempfile.TemporaryDirectory(prefix="vlmkit-bench-run-")
@@ -400,8 +401,9 @@ class VlmkitTrainer:
         for comp, counts in report.items():
             if comp in model.component_names and counts["trainable"] == 0:
                 getattr(model, comp).eval()
-        self.engine.prepare_speed(model, self.stage, report)
+        self.train_step = self.engine.train_step(model, self.stage, report)
         self.counts = report
+        self.passes = 0  # forward/backward passes run so far (> steps with run.length_groups)
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of the optimizer's tensors (AdamW's moments) after at least one step."""
@@ -409,10 +411,11 @@ class VlmkitTrainer:
                    for v in state.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
 
     def step(self, batch: dict[str, Any]) -> float:
-        loss, _ = self.engine._step(self.model, self.stage, [batch], 0, None, self.optimizer, self.trainable)
+        done = self.train_step(self.model, [batch], self.optimizer, self.trainable, where="benchmark step")
+        self.passes += done.passes
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss
+        return done.loss
 
 
 class ReferenceTrainer:

@@ -20,13 +20,15 @@ from PIL import Image
 
 from vlmkit.core.data.collate import image_to_tensor
 from vlmkit.lcl.synthetic_concepts import concepts_data_dir
+from vlmkit.core.interfaces import BuildContext
 from vlmkit.core.registry import get_registry
 
 
 def features(size: int, root: Path, names: set[str]) -> dict[str, torch.Tensor]:
     cls = get_registry().component_class("encoder", "timm")
-    encoder = cls(cls.Config(model_name="efficientnet_lite0", packaged_weights="efficientnet_lite0", feature_stage=-1,
-                             image_size=size)).eval()
+    config = cls.Config(model_name="efficientnet_lite0", packaged_weights="efficientnet_lite0", feature_stage=-1,
+                        image_size=size)
+    encoder = cls.build(config, BuildContext()).eval()
     out = {}
     with torch.no_grad():
         for name in sorted(names):

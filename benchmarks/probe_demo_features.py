@@ -114,7 +114,9 @@ def build_encoder(recipe: str, profile: str | None, stage: int | None) -> tuple[
     overrides = [] if stage is None else [f"model.encoder.feature_stage={stage}"]
     resolved = load_recipe(recipe, profile, overrides)
     spec = resolved.components["encoder"]
-    encoder = get_registry().component_class("encoder", spec.name)(spec.config).eval()
+    from vlmkit.core.interfaces import BuildContext
+
+    encoder = get_registry().component_class("encoder", spec.name).build(spec.config, BuildContext()).eval()
     return encoder, resolved
 
 

@@ -145,7 +145,9 @@ def build_openflamingo(scale: str, resolved: Any, source: Any, encoder: Any = No
             from vlmkit.core.registry import get_registry
 
             spec = resolved.components["encoder"]
-            encoder = get_registry().component_class("encoder", spec.name)(spec.config)
+            from vlmkit.core.interfaces import BuildContext
+
+            encoder = get_registry().component_class("encoder", spec.name).build(spec.config, BuildContext())
         vision, vis_dim = _TokensOnly(encoder), encoder.width
     extend_instance(lang, FlamingoLMMixin)
     lang.set_decoder_layers_attr_name("model.layers")
@@ -347,8 +349,6 @@ def child_data(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from torch.utils.data import ConcatDataset, DataLoader
 
-    from vlmkit.core.compose import IMAGE_TOKEN
-    from vlmkit.core.data.collate import Collator
     from vlmkit.core.data.rendered import RenderedDataset
     from vlmkit.core.engine.sampler import StageBatchSampler
     from vlmkit.core.registry import get_registry
@@ -371,9 +371,7 @@ def child_data(spec: dict[str, Any]) -> dict[str, Any]:
     for workers in spec.get("workers", (0, 2)):
         sampler = StageBatchSampler([len(p) for p in parts], stage.batch_size, seed=resolved.recipe.seed,
                                     stage_index=stage_index, names=list(stage.data))
-        collator = Collator(tokenizer=model.decoder.tokenizer, preprocess=model.encoder.preprocess,
-                            image_token=IMAGE_TOKEN, placeholder_tokens=model.placeholder_tokens,
-                            max_length=stage.max_length)
+        collator = model.collator(max_length=stage.max_length)
         loader = DataLoader(ConcatDataset(parts), batch_sampler=sampler, collate_fn=collator, num_workers=workers,
                             generator=torch.Generator())
         batches = iter(loader)
@@ -428,8 +426,7 @@ def child_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from torch.utils.data import ConcatDataset
 
-    from vlmkit.core.compose import IMAGE_TOKEN
-    from vlmkit.core.data.collate import IGNORE, Collator, split_by_length
+    from vlmkit.core.data.collate import IGNORE, split_by_length
     from vlmkit.core.data.rendered import RenderedDataset
     from vlmkit.core.engine.sampler import StageBatchSampler, mix_options
     from vlmkit.core.registry import get_registry
@@ -450,9 +447,7 @@ def child_throughput(spec: dict[str, Any]) -> dict[str, Any]:
         sampler = StageBatchSampler([len(p) for p in parts], stage.batch_size, seed=resolved["on"].recipe.seed,
                                     stage_index=index, **mix_options(stage, resolved["on"].recipe.data),
                                     names=list(stage.data))
-        collator = Collator(tokenizer=model_on.decoder.tokenizer, preprocess=model_on.encoder.preprocess,
-                            image_token=IMAGE_TOKEN, placeholder_tokens=model_on.placeholder_tokens,
-                            max_length=stage.max_length, frame_keys=True)
+        collator = model_on.collator(max_length=stage.max_length, frame_keys=True)
         data = ConcatDataset(parts)
         order = iter(sampler)
         batches += [collator([data[i] for i in next(order)]) for _ in range(THROUGHPUT_BATCHES.get(stage.name, 0))]
@@ -487,14 +482,13 @@ def child_throughput(spec: dict[str, Any]) -> dict[str, Any]:
                         "length_groups": resolved["on"].recipe.run.length_groups, "new_token_rows": True},
         "build_seconds": time.perf_counter() - build_start,
     }
-    engine_on = trainers["on"].engine
-    passes_before = engine_on._passes
+    passes_before = trainers["on"].passes
     times, losses = bc.time_interleaved({"off": steps("off"), "on": steps("on"), "on_cold": steps("on", cold=True)},
                                         spec["reps"], max(1, spec["warmup"]))
     info["seconds"] = times
     info["loss"] = {k: float(v[-1]) for k, v in losses.items()}
     runs = (spec["reps"] + max(1, spec["warmup"])) * 2  # on and on_cold step the same trainer
-    info["passes_per_batch"] = (engine_on._passes - passes_before) / (runs * len(batches))
+    info["passes_per_batch"] = (trainers["on"].passes - passes_before) / (runs * len(batches))
     info["feature_cache"] = cache.stats() if cache is not None else None
     info["optimizer_state_bytes"] = {k: t.optimizer_state_bytes() for k, t in trainers.items()}
     info["threads"] = torch.get_num_threads()

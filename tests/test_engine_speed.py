@@ -220,9 +220,11 @@ NEW_TOKENS = dict(FROZEN, embeddings="new_tokens")
 def _masked(monkeypatch):
     """The engine with embeddings: new_tokens as before the row parameters: whole tables trainable
     with a masked gradient."""
-    original = trainer_module.apply_tuning
-    monkeypatch.setattr(trainer_module, "apply_tuning",
-                        lambda model, tune, label, **kw: original(model, tune, label, new_token_rows=False))
+    class Masked(trainer_module.StageTuning):
+        def __init__(self, tune, where, **kw):
+            super().__init__(tune, where, new_token_rows=False)
+
+    monkeypatch.setattr(trainer_module, "StageTuning", Masked)
 
 
 @pytest.mark.parametrize("decoder", [None, GPT2], ids=["llama_untied", "gpt2_tied"])
@@ -323,7 +325,7 @@ def test_new_token_rows_resume_export_and_older_checkpoints(tmp_path, captions, 
 def test_row_parameters_are_views_of_the_tables(tmp_path, captions):
     path = write_recipe(tmp_path, _mapping(captions, tune1=NEW_TOKENS))
     model = build_model(load_recipe(path))
-    report = apply_tuning(model, load_recipe(path).recipe.stages[0].tune, "stages.0")
+    report = apply_tuning(model, load_recipe(path).recipe.stages[0].tune, "stages.0").report
     dec = model.decoder
     rows = new_token_rows(dec)
     assert isinstance(rows, NewTokenRows) and rows.runs == [(min(dec.new_token_ids), max(dec.new_token_ids) + 1)]

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import vlmkit
 from tiny import resolved_toy
+from vlmkit.core.engine.step import answer_loss
 from vlmkit.core import export as export_mod
 from vlmkit.core.compose import build_model
 from vlmkit.core.data.collate import Collator
@@ -51,7 +52,7 @@ def _train(model, resolved, batch, steps=2, lr=1e-2):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         model.train()
         for _ in range(steps):
-            model(**_inputs(batch), labels=batch["labels"]).loss.backward()
+            answer_loss(model(**_inputs(batch)).logits, batch["labels"]).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     model.eval()

@@ -7,9 +7,11 @@ import copy
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from tiny import resolved_toy
+from vlmkit.core.engine.step import answer_loss
 from vlmkit.connectors.gated_cross_attention import (
     GatedCrossAttentionBlock,
     GatedCrossAttentionConfig,
@@ -19,7 +21,7 @@ from vlmkit.core.compose import build_model
 from vlmkit.core.data.collate import IGNORE, Collator
 from tiny import ToyCaptions, ToyCaptionsConfig  # rendered with llava_plain, as the toy recipe does
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.interfaces import Sample
+from vlmkit.core.interfaces import Preprocess, Sample
 from vlmkit.decoders.hf_causal_lm import HFCausalLM, HFCausalLMConfig
 
 of_helpers = pytest.importorskip("open_flamingo.src.helpers")
@@ -461,13 +463,13 @@ def test_gradients_reach_blocks_and_not_a_frozen_decoder():
     dec.requires_grad_(False)
     img, tok = fusion.image_token_id, dec.tokenizer
     ids = torch.tensor([_ids(tok, img, None, "a cat ", None, "a dog")])
-    labels = ids.clone()
+    labels = ids.masked_fill(ids == img, IGNORE)  # as the collator writes them: images untrained
     media = torch.randn(1, 2, Q, D_VIS, requires_grad=True)
     media_mask = torch.ones(1, 2, dtype=torch.bool)
 
     # at init only the gates get gradient (everything inside is multiplied by tanh(0) = 0), and the
     # media receive none: the Flamingo start
-    fusion(dec, ids, torch.ones_like(ids), media, media_mask, labels=labels).loss.backward()
+    answer_loss(fusion(dec, ids, torch.ones_like(ids), media, media_mask).logits, labels).backward()
     for name, p in fusion.named_parameters():
         assert p.grad is not None, name
         assert (p.grad.abs().sum() > 0) == name.endswith("_gate"), name
@@ -478,7 +480,7 @@ def test_gradients_reach_blocks_and_not_a_frozen_decoder():
     fusion.zero_grad()
     _set_gates(fusion, 0.5)
     media.grad = None
-    fusion(dec, ids, torch.ones_like(ids), media, media_mask, labels=labels).loss.backward()
+    answer_loss(fusion(dec, ids, torch.ones_like(ids), media, media_mask).logits, labels).backward()
     for name, p in fusion.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert media.grad.abs().sum() > 0
@@ -486,18 +488,23 @@ def test_gradients_reach_blocks_and_not_a_frozen_decoder():
 
 
 def test_image_positions_carry_no_loss():
+    """The collator leaves the <image> positions untrained, and the training step's loss (the one
+    definition, not the fusion's) is the cross-entropy of the other next tokens."""
     dec = _decoder("llama")
     fusion = _fusion(dec)
-    img, tok = fusion.image_token_id, dec.tokenizer
-    ids = torch.tensor([_ids(tok, img, None, "ab", None, "cd")])
+    img = fusion.image_token_id
+    sample = Sample("s", images=[Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8), "white")], segments=[("<image>ab", False), ("<image>cd", True)])
+    col = Collator(dec.tokenizer, Preprocess(image_size=8, mean=(0.5,) * 3, std=(0.5,) * 3), "<image>", lambda frames=1: 1)
+    batch = col([sample])
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert int((ids == img).sum()) == 2 and not bool((labels[ids == img] != IGNORE).any())
     media, media_mask = torch.randn(1, 2, Q, D_VIS), torch.ones(1, 2, dtype=torch.bool)
     with torch.no_grad():
-        out = fusion(dec, ids, torch.ones_like(ids), media, media_mask, labels=ids.clone())
-        logits = out.logits[0, :-1]
-        target = ids[0, 1:].masked_fill(ids[0, 1:] == img, IGNORE)
-        want = nn.functional.cross_entropy(logits, target, ignore_index=IGNORE)
-    assert int((target == IGNORE).sum()) == 1  # the second <image> (the first is never a target)
-    torch.testing.assert_close(out.loss, want)
+        logits = fusion(dec, ids, batch["attention_mask"], media, media_mask).logits
+        target = ids[0, 1:].masked_fill(labels[0, 1:] == IGNORE, IGNORE)
+        want = nn.functional.cross_entropy(logits[0, :-1], target, ignore_index=IGNORE)
+    assert int((target != IGNORE).sum()) == int((labels != IGNORE).sum()) > 0
+    torch.testing.assert_close(answer_loss(logits, labels), want)
 
 
 # ----------------------------------------------------------------------------------- composition
@@ -524,9 +531,9 @@ def test_recipe_builds_trains_and_generates(tmp_path):
     model.train()
     model.decoder.requires_grad_(False)
     _set_gates(model.fusion, 0.5)
-    out = model(**tensors)
-    assert torch.isfinite(out.loss)
-    out.loss.backward()
+    loss = answer_loss(model(**{k: v for k, v in tensors.items() if k != "labels"}).logits, tensors["labels"])
+    assert torch.isfinite(loss)
+    loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.fusion.parameters())
     assert all(p.grad is not None for p in model.connector.parameters())
 

@@ -416,12 +416,11 @@ class GatedCrossAttentionFusion(Fusion):
         attention_mask: torch.Tensor,
         media: torch.Tensor,
         media_mask: torch.Tensor,
-        labels: torch.Tensor | None = None,
         **decoder_kwargs: Any,
     ) -> Any:
-        """``input_ids, attention_mask, labels (B, L)``, ``media (B, T_img, Q, d_vis)``, ``media_mask
-        (B, T_img)`` -> the decoder's output (``logits (B, L, vocab)``, ``loss`` with labels). The
-        ``<image>`` positions carry no loss."""
+        """``input_ids, attention_mask (B, L)``, ``media (B, T_img, Q, d_vis)``, ``media_mask
+        (B, T_img)`` -> the decoder's output (``logits (B, L, vocab)``; the loss is the training
+        step's, :mod:`vlmkit.core.engine.step`)."""
         self._check_attached()
         if any(decoder_kwargs.get(key) is not None for key in _CACHE_INPUTS):
             raise VlmkitError(
@@ -432,12 +431,10 @@ class GatedCrossAttentionFusion(Fusion):
             raise RuntimeError("gated_cross_attention: forward called while another fusion call is running")
         is_image = input_ids == self.image_token_id  # (B, L)
         self._check_media(is_image, media, media_mask)
-        if labels is not None:
-            labels = labels.masked_fill(is_image, -100)
         embeds = decoder.get_input_embeddings()(input_ids)  # (B, L, D)
         self._state = _Media(media=media, media_mask=media_mask, image_index=is_image.cumsum(1))
         try:
-            return decoder(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **decoder_kwargs)
+            return decoder(inputs_embeds=embeds, attention_mask=attention_mask, **decoder_kwargs)
         finally:
             self._state = None
 

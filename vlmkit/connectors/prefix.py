@@ -64,14 +64,12 @@ class PrefixFusion(Fusion):
         attention_mask: torch.Tensor,
         media: torch.Tensor,
         media_mask: torch.Tensor,
-        labels: torch.Tensor | None = None,
         **decoder_kwargs: Any,
     ) -> Any:
-        """``input_ids (B, L)``, ``media (B, T_img, Q, d)``, ``media_mask (B, T_img)`` -> decoder output."""
-        embeds, is_image = self._embed(decoder, input_ids, media, media_mask)
-        if labels is not None:
-            labels = labels.masked_fill(is_image, -100)
-        return decoder(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **decoder_kwargs)
+        """``input_ids (B, L)``, ``media (B, T_img, Q, d)``, ``media_mask (B, T_img)`` -> decoder output
+        (``logits (B, L, vocab)``; the loss is the training step's, :mod:`vlmkit.core.engine.step`)."""
+        embeds, _ = self._embed(decoder, input_ids, media, media_mask)
+        return decoder(inputs_embeds=embeds, attention_mask=attention_mask, **decoder_kwargs)
 
     def generate(
         self,

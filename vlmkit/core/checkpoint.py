@@ -1,5 +1,8 @@
-"""Atomic folder writes: everything goes into a temporary folder beside the target, which is renamed
-into place only when complete (checkpoints, exports)."""
+"""Atomic writes, the one implementation vlmkit uses: a file (:func:`atomic_file`,
+:func:`write_text_atomic`) or a folder (:func:`atomic_dir`: checkpoints, exports) is written under a
+temporary name beside its target and renamed into place only when complete, so a crash leaves the
+old or the new version, never half of one. Temporary names: ``.NAME.XXXX.tmp`` (files) and
+``.NAME.tmp-XXXX`` (folders), which :mod:`vlmkit.core.engine.run_folder` knows as vlmkit's own."""
 
 from __future__ import annotations
 
@@ -9,6 +12,49 @@ import tempfile
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+@contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` (``.NAME.XXXX.tmp``) for the caller to write; on
+    success it is flushed to disk (fsync) and replaces ``target`` (``os.replace``), and the folder is
+    fsync'ed so the rename itself is durable; on an error it is removed and ``target`` is untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = target.name if target.name.startswith(".") else f".{target.name}"
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f"{prefix}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def write_text_atomic(target: Path, text: str) -> Path:
+    """Write ``text`` (UTF-8, ``\\n`` line ends) to ``target`` atomically (:func:`atomic_file`)."""
+    with atomic_file(target) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as out:
+            out.write(text)
+    return Path(target)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not possible on every platform; the replace itself is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -116,8 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.debug = getattr(args, "debug", False)
     args.strict_plugins = getattr(args, "strict_plugins", False)
-    if args.strict_plugins:
-        os.environ["VLMKIT_STRICT_PLUGINS"] = "1"
     warnings.showwarning = _show_warning
     try:
         return COMMANDS[args.command](args) or 0
@@ -135,10 +133,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _registry():
+def _registry(args: argparse.Namespace):
+    """The registry for this command: ``--strict-plugins`` is passed on explicitly (without it the
+    environment's ``VLMKIT_STRICT_PLUGINS`` decides)."""
     from vlmkit.core.registry import get_registry
 
-    return get_registry()
+    return get_registry(strict=True if args.strict_plugins else None)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -155,7 +155,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from vlmkit.core.recipe.loader import load_recipe
 
-    resolved = load_recipe(args.recipe, args.profile, args.overrides, registry=_registry())
+    resolved = load_recipe(args.recipe, args.profile, args.overrides, registry=_registry(args))
     sys.stdout.write(resolved.to_yaml())
     return 0
 
@@ -163,13 +163,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from vlmkit.core.recipe.loader import validate_all_profiles
 
-    path, checked = validate_all_profiles(args.recipe, registry=_registry(), profile=args.profile, overrides=args.overrides)
+    path, checked = validate_all_profiles(args.recipe, registry=_registry(args), profile=args.profile, overrides=args.overrides)
     print(f"ok: {path} ({', '.join(checked)})")
     return 0
 
 
 def cmd_components(args: argparse.Namespace) -> int:
-    registry = _registry()
+    registry = _registry(args)
     kinds = [args.kind] if args.kind else list(KINDS)
     for kind in kinds:
         print(f"{kind}s:")
@@ -180,7 +180,7 @@ def cmd_components(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    registry = _registry()
+    registry = _registry(args)
     report = registry.plugin_report()
     if args.json:
         print(json.dumps(report, indent=2))
@@ -199,7 +199,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     from vlmkit.core.recipe.json_schema import recipe_json_schema
 
-    print(json.dumps(recipe_json_schema(_registry()), indent=2))
+    print(json.dumps(recipe_json_schema(_registry(args)), indent=2))
     return 0
 
 
@@ -207,7 +207,7 @@ def cmd_params(args: argparse.Namespace) -> int:
     from vlmkit.core.params import format_report, stage_parameters
     from vlmkit.core.recipe.loader import load_recipe
 
-    registry = _registry()
+    registry = _registry(args)
     resolved = load_recipe(args.recipe, args.profile, args.overrides, registry=registry)
     print(format_report(resolved.recipe.name, resolved.profile, stage_parameters(resolved, registry)))
     return 0
@@ -217,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vlmkit.core.engine import run
     from vlmkit.core.recipe.loader import load_recipe
 
-    registry = _registry()
+    registry = _registry(args)
     resolved = load_recipe(args.recipe, args.profile, args.overrides, registry=registry)
     output_dir = args.output_dir or Path("runs") / resolved.recipe.name
     result = run(resolved, output_dir, registry=registry, progress=not args.no_progress,
@@ -273,7 +273,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data:
         overrides.append("eval=" + json.dumps([{"type": "instructions", "data": list(args.data)}]))
-    registry = _registry()
+    registry = _registry(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     export = find_export(args.model)
     model, resolved = load_with_recipe(export, device=device, registry=registry, overrides=overrides,
@@ -304,7 +304,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise VlmkitError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, resolved = load_with_recipe(args.model, device=device, registry=_registry(),
+    model, resolved = load_with_recipe(args.model, device=device, registry=_registry(args),
                                        trust_remote_code=args.trust_remote_code)
     chat = Chat(model, pick_template(model, resolved, args.template), image, examples, args.max_new_tokens)
     if args.question:

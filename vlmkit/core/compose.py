@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vlmkit.core.errors import RecipeError, VlmkitError
-from vlmkit.core.interfaces import IMAGE_TOKEN, Connector, Fusion, LanguageDecoder, VisionEncoder
+from vlmkit.core.interfaces import IMAGE_TOKEN, BuildContext, Connector, Fusion, LanguageDecoder, VisionEncoder
 from vlmkit.core.recipe.loader import ResolvedRecipe
 
 __all__ = ["IMAGE_TOKEN", "VisionLanguageModel", "build_model"]
@@ -47,6 +47,18 @@ class VisionLanguageModel(nn.Module):
     def placeholder_tokens(self, num_frames: int = 1) -> int:
         """``<image>`` tokens the text carries for one image."""
         return self.fusion.placeholder_tokens(self.tokens_per_image(num_frames))
+
+    def collator(self, **options: Any) -> Any:
+        """The :class:`~vlmkit.core.data.collate.Collator` for this model's samples: its decoder's
+        tokenizer, its encoder's preprocessing and ``<image>`` expanded to its placeholder tokens;
+        ``options`` (``max_length``, ``padding_side``, ``prompts``, ``frame_keys``) pass through.
+        The one place a collator is made for a model (training, evaluation, benchmarks)."""
+        from vlmkit.core.data.collate import Collator
+
+        return Collator(
+            tokenizer=self.decoder.tokenizer, preprocess=self.encoder.preprocess, image_token=IMAGE_TOKEN,
+            placeholder_tokens=self.placeholder_tokens, **options,
+        )
 
     def encode_media(
         self,
@@ -95,16 +107,21 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor,
         vision_x: torch.Tensor,
         media_mask: torch.Tensor,
-        labels: torch.Tensor | None = None,
         feature_cache: Any = None,
         frame_keys: list[str] | None = None,
         **decoder_kwargs: Any,
     ) -> Any:
-        """``feature_cache``, ``frame_keys``: the frozen encoder's cached features (see
-        :meth:`encode_media`); the engine passes them with ``run.cache_features``."""
+        """A collated batch's tensors -> the decoder's output (``logits (B, L, vocab)``).
+        ``feature_cache``, ``frame_keys``: the frozen encoder's cached features (see
+        :meth:`encode_media`); the engine passes them with ``run.cache_features``. The model
+        computes no loss: :mod:`vlmkit.core.engine.step` does (one definition), so ``labels`` is
+        refused here rather than passed on to the decoder."""
+        if "labels" in decoder_kwargs:
+            raise TypeError("VisionLanguageModel.forward takes no labels: compute the loss from the logits with "
+                            "vlmkit.core.engine.step.answer_loss (the training step's loss)")
         with self._autocast(input_ids.device):
             media = self.encode_media(vision_x, media_mask, feature_cache, frame_keys)
-            return self.fusion(self.decoder, input_ids, attention_mask, media, media_mask, labels=labels, **decoder_kwargs)
+            return self.fusion(self.decoder, input_ids, attention_mask, media, media_mask, **decoder_kwargs)
 
     @torch.no_grad()
     def generate(
@@ -123,14 +140,15 @@ class VisionLanguageModel(nn.Module):
 
 def build_model(resolved: ResolvedRecipe, registry: Any = None, meta: bool = False) -> VisionLanguageModel:
     """Construct every component of ``resolved`` and wire their widths. ``meta``: on the meta
-    device, reading and downloading no weights (:mod:`vlmkit.core.meta`), to count parameters."""
+    device, reading and downloading no weights (:mod:`vlmkit.core.meta`), to count parameters:
+    every component is built with a :class:`~vlmkit.core.interfaces.BuildContext` that says so,
+    under ``torch.device("meta")``, and no ``load_weights`` is called."""
+    context = BuildContext(meta=meta)
     if meta:
-        from vlmkit.core.meta import meta_build
-
-        with meta_build():
-            return build_model(resolved, registry)
+        with torch.device("meta"):
+            return _build_model(resolved, registry, context)
     try:
-        return _build_model(resolved, registry)
+        return _build_model(resolved, registry, context)
     except (MemoryError, RuntimeError) as exc:
         if not is_allocation_failure(exc):
             raise
@@ -212,7 +230,7 @@ def check_connector_output(connector: Connector, encoder: VisionEncoder, name: s
         )
 
 
-def _build_model(resolved: ResolvedRecipe, registry: Any) -> VisionLanguageModel:
+def _build_model(resolved: ResolvedRecipe, registry: Any, context: BuildContext) -> VisionLanguageModel:
     if registry is None:
         from vlmkit.core.registry import get_registry
 
@@ -222,7 +240,7 @@ def _build_model(resolved: ResolvedRecipe, registry: Any) -> VisionLanguageModel
 
     def construct(kind: str, config: Any) -> Any:
         cls = registry.component_class(kind, specs[kind].name)
-        return cls(config)
+        return cls.build(config, context)
 
     decoder = construct("decoder", specs["decoder"].config)
     encoder = construct("encoder", specs["encoder"].config)

@@ -42,6 +42,7 @@ from vlmkit.core.checkpoint import atomic_dir
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.recipe.loader import ResolvedRecipe
 from vlmkit.core.recipe.schema import COMPONENTS, Recipe
+from vlmkit.core.tuning import adapter_parameters
 
 FORMAT = "vlmkit-export"
 FORMAT_VERSION = 1
@@ -60,11 +61,9 @@ _LEFTOVER = re.compile(r"^\.(" + "|".join(re.escape(n) for n in EXPORT_FILES) + 
 # ------------------------------------------------------------------------------ the model's state
 def _tuner_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The peft adapter layers of ``model`` (outermost wrappers), by module name."""
-    if not any("lora_" in n for n, _ in model.named_parameters()):
-        return {}
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from vlmkit.core.tuning import adapter_layers
 
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    layers = adapter_layers(model)
     nested = [n for n in layers if any(n.startswith(o + ".") for o in layers if o != n)]
     if nested:
         raise VlmkitError(f"cannot export: '{nested[0]}' is an adapter layer inside another adapter layer")
@@ -131,7 +130,7 @@ def _merged_base(name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
         merged = layer
     else:
         merged = copy.deepcopy(layer)
-        if any(p.dtype == torch.float32 for n, p in merged.named_parameters() if "lora_" in n):
+        if any(p.dtype == torch.float32 for _, p in adapter_parameters(merged)):
             for param in merged.get_base_layer().parameters():
                 if param.dtype in (torch.bfloat16, torch.float16):
                     param.data = param.data.to(torch.float32)
@@ -445,7 +444,9 @@ def _load_weights(
 
 
 def _inject_adapters(model: nn.Module, configs: Any, config_path: Path) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
+
+    from vlmkit.core.tuning import lora_config
 
     if not isinstance(configs, dict) or not configs:
         raise VlmkitError(f"'{config_path}': 'components' must map component names to LoRA configs")
@@ -453,13 +454,7 @@ def _inject_adapters(model: nn.Module, configs: Any, config_path: Path) -> None:
         if comp not in COMPONENTS:
             raise VlmkitError(f"'{config_path}': '{comp}' is not a component; expected one of {', '.join(COMPONENTS)}")
         try:
-            config = LoraConfig(
-                r=int(cfg["r"]),
-                lora_alpha=float(cfg["alpha"]),
-                lora_dropout=float(cfg.get("dropout", 0.0)),
-                target_modules=list(cfg["target_modules"]),
-                fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
-            )
+            config = lora_config(cfg)
             inject_adapter_in_model(config, getattr(model, comp), adapter_name=str(cfg.get("adapter_name", "default")))
         except (KeyError, TypeError, ValueError) as exc:
             raise VlmkitError(f"'{config_path}': components.{comp}: cannot re-inject the LoRA adapters: {exc}") from None
@@ -531,9 +526,8 @@ def load_with_recipe(
     ``trust_remote_code``: the caller's consent to run the code an export's recipe asks for (see
     :func:`load`)."""
     from vlmkit.core.compose import build_model
-    from vlmkit.core.recipe.loader import validate_mapping
-    from vlmkit.core.recipe.merge import apply_override, parse_override
-    from vlmkit.core.recipe.yaml_io import read_yaml_mapping
+    from vlmkit.core.recipe.loader import load_recipe
+    from vlmkit.core.recipe.merge import parse_override
 
     folder = find_export(path)
     if not folder.exists():
@@ -557,14 +551,13 @@ def load_with_recipe(
         raise VlmkitError(f"'{meta_path}': files.{MODEL_FILE} is missing; the export is incomplete")
     adapters_listed = _listed_keys(meta, ADAPTERS_FILE, meta_path)
 
-    data = read_yaml_mapping(recipe_path)
     for text in overrides:
-        parts, value = parse_override(text)
+        parts, _ = parse_override(text)
         if parts[0] not in OVERRIDABLE:
             raise VlmkitError(f"--set {text}: only the recipe's {' and '.join(OVERRIDABLE)} sections can change for an "
                               f"exported model (its model and training are fixed by {recipe_path})")
-        apply_override(data, parts, value, text)
-    resolved = validate_mapping(data, str(recipe_path), registry=registry, source=str(recipe_path), overrides=list(overrides))
+    # the export's resolved recipe, read like any recipe file (no profile), the --set changes applied by the loader
+    resolved = load_recipe(recipe_path, overrides=list(overrides), registry=registry, bare=True)
     requests = remote_code_requests(resolved)
     if requests and trust_remote_code is not True:
         raise VlmkitError(

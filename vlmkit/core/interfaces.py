@@ -2,8 +2,17 @@
 
 Each component is a ``torch.nn.Module`` subclass of one of the interfaces below, with a class
 attribute ``Config``: a pydantic model (``extra="forbid"``) of its recipe section, without the
-``name`` key. The builder (:mod:`vlmkit.core.compose`) constructs ``Component(config)`` and wires
-the widths between them.
+``name`` key. The builder (:mod:`vlmkit.core.compose`) builds each model component with
+``Component.build(config, context)`` and wires the widths between them.
+
+Building and reading weights are two steps (:class:`BuildContext`, :meth:`ModelComponent.build`):
+the constructor ``Component(config)`` creates the architecture (parameters with their random or
+default initialisation) and reads no weight file; :meth:`ModelComponent.load_weights` reads the
+pretrained weights into it. The builder calls ``load_weights`` after the constructor, except when it
+builds on the meta device (``recipes params``), where tensors have shapes but no storage: then it
+is not called, so a component that reads its weights there is counted without reading them. A
+component whose construction itself depends on the device (e.g. ``from_pretrained``, which builds
+and loads in one call) overrides :meth:`ModelComponent.build` and reads ``context.meta`` there.
 
 Tensor shapes use: ``B`` batch, ``T_img`` images per sample, ``F`` frames per image, ``N`` images
 flattened over a batch, ``L`` text length, ``Q`` connector queries, ``C, H, W`` pixels.
@@ -22,6 +31,8 @@ from torch import nn
 __all__ = [
     "IMAGE_TOKEN",
     "END_OF_CHUNK",
+    "BuildContext",
+    "ModelComponent",
     "Layers",
     "Size",
     "ComponentConfig",
@@ -70,12 +81,48 @@ class Preprocess(BaseModel):
     std: tuple[float, float, float]
 
 
+# ---------------------------------------------------------------------------------------- building
+@dataclass(frozen=True)
+class BuildContext:
+    """How the builder builds the model's components.
+
+    ``meta``: on the meta device (``recipes params``): the constructor runs under
+    ``torch.device("meta")``, so tensors get shapes and no storage, and no weights are read or
+    downloaded (:meth:`ModelComponent.load_weights` is not called)."""
+
+    meta: bool = False
+
+    @property
+    def reads_weights(self) -> bool:
+        return not self.meta
+
+
+class ModelComponent(nn.Module):
+    """Base of the four model components (encoder, connector, fusion, decoder): construction and
+    weight loading as two steps the builder drives."""
+
+    @classmethod
+    def build(cls, config: ComponentConfig, context: BuildContext) -> "ModelComponent":
+        """The component for ``config`` as the builder makes it: ``cls(config)``, then
+        :meth:`load_weights` unless ``context.meta``. Override only where the construction itself
+        differs on the meta device (pass ``context.meta`` on to the constructor explicitly)."""
+        component = cls(config)
+        if context.reads_weights:
+            component.load_weights()
+        return component
+
+    def load_weights(self) -> None:
+        """Read pretrained weights (files, downloads) into the constructed architecture. Called once
+        by the builder right after the constructor, never on the meta device. Default: nothing to
+        read (the constructor's initialisation is the component's weights)."""
+
+
 # ----------------------------------------------------------------------------------------- encoders
 class EncoderConfig(ComponentConfig):
     pass
 
 
-class VisionEncoder(nn.Module, ABC):
+class VisionEncoder(ModelComponent, ABC):
     """Pixels ``(N, C, H, W)`` -> features ``(N, tokens, width)``."""
 
     kind: ClassVar[str] = "encoder"
@@ -120,7 +167,7 @@ class ConnectorConfig(ComponentConfig):
     width_out: Size | None = None
 
 
-class Connector(nn.Module, ABC):
+class Connector(ModelComponent, ABC):
     """Encoder features ``(N, tokens, width_in)`` -> ``(N, queries, width_out)``.
 
     ``tokens`` may hold ``num_frames`` frames of one image (video), frame-major:
@@ -179,7 +226,7 @@ class FusionConfig(ComponentConfig):
     pass
 
 
-class Fusion(nn.Module, ABC):
+class Fusion(ModelComponent, ABC):
     """How connector outputs enter the decoder.
 
     :meth:`attach` is called once by the builder (a fusion may add modules to the decoder there);
@@ -215,14 +262,16 @@ class Fusion(nn.Module, ABC):
         attention_mask: torch.Tensor,
         media: torch.Tensor,
         media_mask: torch.Tensor,
-        labels: torch.Tensor | None = None,
         **decoder_kwargs: Any,
     ) -> Any:
         """Run the decoder.
 
-        ``input_ids, attention_mask, labels``: ``(B, L)``; ``media``: ``(B, T_img, Q, d)`` connector
-        outputs; ``media_mask``: ``(B, T_img)`` bool, True for real (not padded) images.
-        Returns the decoder's output (``loss`` when labels are given, ``logits (B, L, vocab)``).
+        ``input_ids, attention_mask``: ``(B, L)``; ``media``: ``(B, T_img, Q, d)`` connector
+        outputs; ``media_mask``: ``(B, T_img)`` bool, True for real (not padded) images;
+        ``decoder_kwargs`` (``logits_to_keep``, ``use_cache``) pass on to the decoder.
+        Returns the decoder's output with ``logits (B, L, vocab)``. A fusion computes no loss: the
+        training step does (:mod:`vlmkit.core.engine.step`) from the collator's labels, which
+        already leave the ``<image>`` positions untrained.
         """
 
     @abstractmethod
@@ -246,7 +295,7 @@ class DecoderConfig(ComponentConfig):
     pass
 
 
-class LanguageDecoder(nn.Module, ABC):
+class LanguageDecoder(ModelComponent, ABC):
     """A causal language model driven by input embeddings."""
 
     kind: ClassVar[str] = "decoder"

@@ -2,7 +2,9 @@
 loaded or downloaded. Used to count a recipe's parameters per component and stage (``recipes
 params``), e.g. a 7B ``paper`` profile on a laptop.
 
-Components ask :func:`on_meta` and then skip reading weights. Backbones named by hub id need
+The builder passes a :class:`~vlmkit.core.interfaces.BuildContext` with ``meta=True`` to every
+component's ``build`` and calls no ``load_weights`` (the plug-in contract in
+:mod:`vlmkit.core.interfaces`). Backbones named by hub id need
 their architecture: from the local Hugging Face cache when it is there, else from
 ``known_architectures.yaml`` (published configs of the backbones the shipped paper profiles name),
 with a stand-in tokenizer of the right size (it tokenises nothing).
@@ -10,35 +12,13 @@ with a stand-in tokenizer of the right size (it tokenises nothing).
 
 from __future__ import annotations
 
-import contextvars
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-import torch
 import yaml
 
 from vlmkit.core.errors import VlmkitError
-
-_META: contextvars.ContextVar[bool] = contextvars.ContextVar("vlmkit_meta_build", default=False)
-
-
-def on_meta() -> bool:
-    """True while :func:`meta_build` is active."""
-    return _META.get()
-
-
-@contextmanager
-def meta_build() -> Iterator[None]:
-    """Components built inside get meta tensors and read no weights."""
-    token = _META.set(True)
-    try:
-        with torch.device("meta"):
-            yield
-    finally:
-        _META.reset(token)
 
 
 @lru_cache(maxsize=1)

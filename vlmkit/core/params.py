@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlmkit.core.compose import build_model
-from vlmkit.core.tuning import apply_tuning
+from vlmkit.core.tuning import StageTuning
 
 
 def stage_parameters(resolved: Any, registry: Any = None) -> list[tuple[str, dict[str, dict[str, int]]]]:
@@ -14,9 +14,11 @@ def stage_parameters(resolved: Any, registry: Any = None) -> list[tuple[str, dic
     (each stage's tuning applied on top of the previous one's, as the engine does)."""
     model = build_model(resolved, registry, meta=True)
     out = []
+    previous = None
     for k, stage in enumerate(resolved.recipe.stages):
         if stage.enabled:
-            out.append((stage.name, apply_tuning(model, stage.tune, f"stages.{k}")))
+            previous = StageTuning(stage.tune, f"stages.{k}.tune").apply(model, previous)
+            out.append((stage.name, previous.report))
     return out
 
 

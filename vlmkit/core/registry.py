@@ -447,10 +447,12 @@ def _dist_version(dist: str) -> str | None:
 _DEFAULT: Registry | None = None
 
 
-def get_registry(*, refresh: bool = False) -> Registry:
-    """The process-wide registry (built on first use from the environment's settings)."""
+def get_registry(*, refresh: bool = False, strict: bool | None = None) -> Registry:
+    """The process-wide registry (built on first use from the environment's settings).
+    ``strict=True`` (the CLI's ``--strict-plugins``): a strict registry, built anew unless the
+    current one is strict already; it then serves later calls."""
     global _DEFAULT
-    if _DEFAULT is None or refresh:
-        _DEFAULT = Registry()
+    if _DEFAULT is None or refresh or (strict is True and not _DEFAULT.strict):
+        _DEFAULT = Registry(strict=strict)
     return _DEFAULT
 

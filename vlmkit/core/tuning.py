@@ -12,10 +12,20 @@ bf16 / fp16 compute under autocast).
 alone instead of the whole table (for SmolLM2 about 340 MB less per step). The tables themselves
 stay frozen; each row parameter is a view of its table's rows (the same memory), so the tables
 always hold the trained values: checkpoints and exports write the tables as before.
+
+A stage's tuning is one object, :class:`StageTuning`, whose :meth:`StageTuning.apply` returns a
+:class:`TuningRecord`: exactly what it made trainable (parameter names as checkpoints store them,
+the LoRA config and wrapped modules per component, the embedding rows), the counts per component,
+and the gradient masks it registered (removed by the next stage's ``apply``). The engine's
+checkpoints store the records as ``tuning.json`` beside the weights. LoRA adapters are recognised
+as peft's adapter layers (:func:`adapter_layers`), never by a parameter name.
 """
 
 from __future__ import annotations
 
+import json
+import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,35 +36,100 @@ from vlmkit.core.errors import VlmkitError
 from vlmkit.core.recipe.schema import StageTune, TuneSpec
 
 
-def apply_tuning(
-    model: Any, tune: StageTune, stage_label: str, *, new_token_rows: bool = True
-) -> dict[str, dict[str, int]]:
-    """Set ``requires_grad`` on every parameter of ``model`` as ``tune`` says, then keep every
-    trainable parameter in fp32 (:func:`upcast_trainable_to_fp32`).
+@dataclass
+class TuningRecord:
+    """What one stage's tuning made trainable (:meth:`StageTuning.apply`).
+
+    ``names``: the trained parameters as checkpoints store them (a row parameter of
+    :class:`NewTokenRows` as the table it is a view of); ``lora``: per component the LoRA config
+    its adapters were injected with and the exact modules they wrap (relative to the component);
+    ``embeddings``: the stage's embedding mode and ``embedding_rows`` the token ids whose rows
+    train (``new_tokens``); ``report``: ``{component: {"trainable": n, "frozen": n}}``;
+    ``gradient_masks``: the hooks masking the tables' gradients (``new_tokens`` without row
+    parameters), removed by the next stage's :meth:`StageTuning.apply`."""
+
+    stage: str
+    names: list[str]
+    lora: dict[str, dict[str, Any]]
+    embeddings: str
+    embedding_rows: list[int]
+    report: dict[str, dict[str, int]]
+    gradient_masks: list[Any] = field(default_factory=list, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as JSON data (without the hooks)."""
+        return {"stage": self.stage, "names": self.names, "lora": self.lora, "embeddings": self.embeddings,
+                "embedding_rows": self.embedding_rows, "report": self.report}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TuningRecord":
+        return cls(stage=str(data["stage"]), names=list(data["names"]), lora=dict(data["lora"]),
+                   embeddings=str(data["embeddings"]), embedding_rows=[int(i) for i in data["embedding_rows"]],
+                   report=dict(data["report"]))
+
+    def release(self) -> None:
+        """Remove the gradient masks this tuning registered."""
+        for handle in self.gradient_masks:
+            handle.remove()
+        self.gradient_masks = []
+
+
+def records_json(records: list[TuningRecord]) -> str:
+    """Tuning records as the text of ``tuning.json``."""
+    return json.dumps([r.to_json() for r in records], indent=1) + "\n"
+
+
+class StageTuning:
+    """One stage's tune modes (``tune``, reported at ``where``, e.g. ``stages.1.tune``) as one object.
 
     ``new_token_rows``: ``embeddings: new_tokens`` trains row parameters of the added tokens only
     (:class:`NewTokenRows`); False keeps the whole tables trainable with a gradient mask (dense
     gradient and AdamW state; the engine uses it where the optimizer shards parameters: FSDP,
-    DeepSpeed). A previous stage's row parameters or gradient masks are removed first (the row
-    values are in the tables), so ``inherit`` follows the decoder's mode.
-    Returns ``{component: {"trainable": n, "frozen": n}}``."""
-    release_new_token_rows(model.decoder)
-    for handle in getattr(model.decoder, "_vlmkit_embedding_hooks", []):
-        handle.remove()
-    model.decoder._vlmkit_embedding_hooks = []
-    report: dict[str, dict[str, int]] = {}
-    for name in ("encoder", "connector", "fusion", "decoder"):
-        module: nn.Module = getattr(model, name)
-        spec: TuneSpec = getattr(tune, name)
-        _apply(module, spec, f"{stage_label}.tune.{name}")
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in module.parameters())
-        report[name] = {"trainable": trainable, "frozen": total - trainable}
-    if tune.embeddings != "inherit":
-        rows = _tune_embeddings(model, tune.embeddings, f"{stage_label}.tune.embeddings", new_token_rows)
-        report["embeddings"] = rows
-    upcast_trainable_to_fp32(model)
-    return report
+    DeepSpeed)."""
+
+    def __init__(self, tune: StageTune, where: str, *, new_token_rows: bool = True):
+        self.tune = tune
+        self.where = where
+        self.new_token_rows = new_token_rows
+
+    def apply(self, model: Any, previous: TuningRecord | None = None) -> TuningRecord:
+        """Set ``requires_grad`` on every parameter of ``model`` as the tune modes say (injecting
+        LoRA adapters where a component first trains with LoRA), then keep every trainable parameter
+        in fp32 (:func:`upcast_trainable_to_fp32`). ``previous``: the record of the tuning applied
+        before on this model, whose gradient masks are removed; a previous stage's row parameters
+        are removed too (their values are in the tables), so ``inherit`` follows the decoder's mode.
+        Returns exactly what is trainable now."""
+        release_new_token_rows(model.decoder)
+        if previous is not None:
+            previous.release()
+        report: dict[str, dict[str, int]] = {}
+        lora: dict[str, dict[str, Any]] = {}
+        for name in ("encoder", "connector", "fusion", "decoder"):
+            module: nn.Module = getattr(model, name)
+            spec: TuneSpec = getattr(self.tune, name)
+            config = _apply(module, spec, f"{self.where}.{name}")
+            if config is not None:
+                lora[name] = config
+            trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in module.parameters())
+            report[name] = {"trainable": trainable, "frozen": total - trainable}
+        masks: list[Any] = []
+        rows: list[int] = []
+        if self.tune.embeddings != "inherit":
+            report["embeddings"], masks = _tune_embeddings(model, self.tune.embeddings, f"{self.where}.embeddings",
+                                                           self.new_token_rows)
+            if self.tune.embeddings == "new_tokens":
+                rows = sorted(set(model.decoder.new_token_ids))
+        upcast_trainable_to_fp32(model)
+        return TuningRecord(self.where.removesuffix(".tune"), sorted(trained_names(model)), lora,
+                            self.tune.embeddings, rows, report, masks)
+
+
+def apply_tuning(
+    model: Any, tune: StageTune, stage_label: str, *, new_token_rows: bool = True, previous: TuningRecord | None = None,
+) -> TuningRecord:
+    """``StageTuning(tune, f"{stage_label}.tune", new_token_rows=...).apply(model, previous)``."""
+    return StageTuning(tune, f"{stage_label}.tune", new_token_rows=new_token_rows).apply(model, previous)
 
 
 #: storage dtypes whose trainable parameters are upcast to fp32 master weights
@@ -118,23 +193,23 @@ def embedding_tables(decoder: Any) -> list[nn.Parameter]:
     return tables
 
 
-def _tune_embeddings(model: Any, mode: str, where: str, new_token_rows: bool = True) -> dict[str, int]:
+def _tune_embeddings(model: Any, mode: str, where: str, new_token_rows: bool = True) -> tuple[dict[str, int], list[Any]]:
     """Set the embedding tables' training. ``new_tokens``: row parameters of the added tokens
     (:class:`NewTokenRows`), or, where those cannot be spliced in (or ``new_token_rows`` is False),
     the whole tables with a gradient hook that masks every row but the added tokens' (AdamW's
     moments then stay zero there and, without weight decay on embeddings, those rows never move).
-    Returns the trainable / frozen counts of the tables."""
+    Returns the trainable / frozen counts of the tables and the gradient-mask hooks registered."""
     decoder = model.decoder
     tables = embedding_tables(decoder)
     total = sum(t.numel() for t in tables)
     if mode == "frozen":
         for t in tables:
             t.requires_grad_(False)
-        return {"trainable": 0, "frozen": total}
+        return {"trainable": 0, "frozen": total}, []
     if mode == "all":
         for t in tables:
             t.requires_grad_(True)
-        return {"trainable": total, "frozen": 0}
+        return {"trainable": total, "frozen": 0}, []
     ids = sorted(set(decoder.new_token_ids))
     if not ids:
         raise VlmkitError(f"{where}: 'new_tokens' but the decoder has no added tokens; use 'all' or 'frozen'")
@@ -149,13 +224,14 @@ def _tune_embeddings(model: Any, mode: str, where: str, new_token_rows: bool = T
                 _to_fp32(t)
         _record_compute_dtype(model, half)
         decoder.new_token_rows = NewTokenRows(decoder, ids)
-        return {"trainable": trainable, "frozen": total - trainable}
+        return {"trainable": trainable, "frozen": total - trainable}, []
+    masks = []
     for t in tables:
         t.requires_grad_(True)
         mask = torch.zeros(t.shape[0], 1, dtype=t.dtype, device=t.device)
         mask[ids] = 1
-        decoder._vlmkit_embedding_hooks.append(t.register_hook(lambda grad, m=mask: grad * m.to(grad.dtype)))
-    return {"trainable": trainable, "frozen": total - trainable}
+        masks.append(t.register_hook(lambda grad, m=mask: grad * m.to(grad.dtype)))
+    return {"trainable": trainable, "frozen": total - trainable}, masks
 
 
 # ------------------------------------------------------------------------------ new-token rows
@@ -370,15 +446,51 @@ def fit_row_moments(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return cut
 
 
-def _apply(module: nn.Module, spec: TuneSpec, where: str) -> None:
+def adapter_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """peft's adapter layers (``BaseTunerLayer``) inside ``module``, by module name. Without peft
+    imported there are none (injecting adapters imports it)."""
+    if "peft" not in sys.modules:
+        return {}
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {n: m for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def adapter_parameters(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The adapter weights of one peft adapter layer (its ``adapter_layer_names`` sub-modules:
+    ``lora_A``, ``lora_B`` ...), by name inside the layer; the wrapped base layer is not among them."""
+    out = []
+    for attr in layer.adapter_layer_names:
+        sub = getattr(layer, attr, None)
+        if isinstance(sub, nn.Module):
+            out.extend((f"{attr}.{n}", p) for n, p in sub.named_parameters())
+    return out
+
+
+def lora_config(record: dict[str, Any]) -> Any:
+    """The peft ``LoraConfig`` of a LoRA record (:attr:`TuningRecord.lora`, an export's
+    ``adapters.json``): the one place it is built."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=int(record["r"]), lora_alpha=float(record["alpha"]), lora_dropout=float(record.get("dropout", 0.0)),
+        target_modules=list(record["target_modules"]), fan_in_fan_out=bool(record.get("fan_in_fan_out", False)),
+    )
+
+
+def _apply(module: nn.Module, spec: TuneSpec, where: str) -> dict[str, Any] | None:
+    """Set the component's ``requires_grad``; returns its LoRA record for ``lora``, else None."""
     if spec.mode == "frozen":
         module.requires_grad_(False)
     elif spec.mode == "full":
         module.requires_grad_(True)
     elif spec.mode == "lora":
-        _inject_lora(module, spec, where)
-        for pname, param in module.named_parameters():
-            param.requires_grad_("lora_" in pname)
+        record = _inject_lora(module, spec, where)
+        module.requires_grad_(False)
+        for layer in adapter_layers(module).values():
+            for _, param in adapter_parameters(layer):
+                param.requires_grad_(True)
+        return record
     elif spec.mode == "partial":
         module.requires_grad_(False)
         if spec.modules:
@@ -397,12 +509,23 @@ def _apply(module: nn.Module, spec: TuneSpec, where: str) -> None:
                 raise VlmkitError(f"{where}.last_layers: {spec.last_layers} is more than the decoder's {len(layers)} layers")
             for layer in list(layers)[-spec.last_layers :]:
                 layer.requires_grad_(True)
+    return None
 
 
-def _inject_lora(module: nn.Module, spec: TuneSpec, where: str) -> None:
-    if any("lora_" in n for n, _ in module.named_parameters()):
-        return
-    from peft import LoraConfig, inject_adapter_in_model
+def _inject_lora(module: nn.Module, spec: TuneSpec, where: str) -> dict[str, Any]:
+    """Inject LoRA adapters into ``module`` (once: a component that has adapters keeps them, later
+    stages train those). Returns the record: the config and the exact modules wrapped."""
+    existing = adapter_layers(module)
+    if existing:
+        first = next(iter(existing.values()))
+        adapter = next(iter(first.r))
+        dropout = first.lora_dropout[adapter]
+        return {
+            "adapter_name": adapter, "r": int(first.r[adapter]), "alpha": float(first.lora_alpha[adapter]),
+            "dropout": float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0,
+            "fan_in_fan_out": bool(getattr(first, "fan_in_fan_out", False)), "target_modules": sorted(existing),
+        }
+    from peft import inject_adapter_in_model
 
     lora = spec.lora
     targets = lora.target_modules
@@ -411,8 +534,10 @@ def _inject_lora(module: nn.Module, spec: TuneSpec, where: str) -> None:
         if targets_of is None:
             raise VlmkitError(f"{where}.lora.target_modules: this component has no default LoRA targets; name them")
         targets = targets_of()
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+    record = {"adapter_name": "default", "r": lora.r, "alpha": float(lora.alpha), "dropout": float(lora.dropout),
+              "fan_in_fan_out": False, "target_modules": list(targets)}
     try:
-        inject_adapter_in_model(config, module)
+        inject_adapter_in_model(lora_config(record), module)
     except ValueError as exc:
         raise VlmkitError(f"{where}.lora.target_modules: {exc}") from None
+    return {**record, "target_modules": sorted(adapter_layers(module))}

@@ -22,8 +22,8 @@ from pydantic import field_validator, model_validator
 from torch import nn
 
 from vlmkit.core.errors import VlmkitError, listing, suggest
-from vlmkit.core.interfaces import DecoderConfig, LanguageDecoder
-from vlmkit.core.meta import architecture, on_meta, stand_in_tokenizer
+from vlmkit.core.interfaces import BuildContext, DecoderConfig, LanguageDecoder
+from vlmkit.core.meta import architecture, stand_in_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -276,7 +276,14 @@ class HFCausalLM(LanguageDecoder):
 
     Config = HFCausalLMConfig
 
-    def __init__(self, config: HFCausalLMConfig):
+    @classmethod
+    def build(cls, config: HFCausalLMConfig, context: BuildContext) -> "HFCausalLM":
+        """transformers builds and loads a pretrained model in one call (``from_pretrained``): on the
+        meta device the architecture is built from its config only, with a stand-in tokenizer."""
+        return cls(config, meta=context.meta)
+
+    def __init__(self, config: HFCausalLMConfig, *, meta: bool = False):
+        """``meta``: build on the meta device (under ``torch.device("meta")``), reading no weights."""
         super().__init__(config)
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -284,7 +291,6 @@ class HFCausalLM(LanguageDecoder):
         common: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
         if config.attn_implementation is not None:
             common["attn_implementation"] = config.attn_implementation
-        meta = on_meta()
         if meta and config.pretrained is not None and config.tokenizer is None and config.tokenizer_type == "pretrained":
             self._tokenizer = stand_in_tokenizer(config.pretrained, "model.decoder.pretrained")
         else:
@@ -389,7 +395,9 @@ class HFCausalLM(LanguageDecoder):
         added = [t for t in tok.get_vocab() if t not in before]
         self.new_token_ids.extend(sorted(int(tok.convert_tokens_to_ids(t)) for t in added))
         if len(tok) > self.model.get_input_embeddings().num_embeddings:
-            self.model.resize_token_embeddings(len(tok), mean_resizing=self.config.new_token_init == "mean" and not on_meta())
+            self.model.resize_token_embeddings(
+                len(tok), mean_resizing=self.config.new_token_init == "mean" and not self.model.get_input_embeddings().weight.is_meta,
+            )
         return {t: int(tok.convert_tokens_to_ids(t)) for t in tokens}
 
     def get_output_embeddings(self) -> nn.Module | None:
@@ -408,18 +416,21 @@ class HFCausalLM(LanguageDecoder):
             if not isinstance(node, nn.ModuleList):
                 raise VlmkitError(f"model.decoder.layers_path: '{self.config.layers_path}' is a {type(node).__name__}, not a ModuleList")
             return node
-        n_layers = getattr(self.model.config, "num_hidden_layers", None) or getattr(self.model.config, "n_layer", None)
+        # the model names its transformer block classes itself (transformers' ``_no_split_modules``,
+        # what accelerate's device maps keep whole): the layers are the one list of such blocks
+        blocks = set(getattr(self.model, "_no_split_modules", None) or ())
         candidates = [
-            (name, mod)
-            for name, mod in self.model.named_modules()
-            if isinstance(mod, nn.ModuleList) and n_layers is not None and len(mod) == n_layers
+            name for name, mod in self.model.named_modules()
+            if isinstance(mod, nn.ModuleList) and len(mod) and all(type(m).__name__ in blocks for m in mod)
         ]
-        if not candidates:
+        if len(candidates) != 1:
+            found = f"{len(candidates)} lists of them ({', '.join(candidates)})" if candidates else "no list of them"
             raise VlmkitError(
-                f"model.decoder: no list of {n_layers} decoder layers found in {type(self.model).__name__}; "
-                "name it with model.decoder.layers_path (e.g. model.layers)"
+                f"model.decoder: {type(self.model).__name__} names its decoder layer classes as "
+                f"{sorted(blocks) or 'nothing'} and holds {found}; name the layers with model.decoder.layers_path "
+                "(e.g. model.layers)"
             )
-        return min(candidates, key=lambda c: c[0].count("."))[1]
+        return self.model.get_submodule(candidates[0])
 
     def lora_target_modules(self) -> list[str]:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping

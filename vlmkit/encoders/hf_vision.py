@@ -35,9 +35,9 @@ import torch
 from pydantic import PositiveInt, ValidationInfo, field_validator, model_validator
 from torch import nn
 
-from vlmkit.core.meta import architecture, on_meta
+from vlmkit.core.meta import architecture
 from vlmkit.core.errors import VlmkitError
-from vlmkit.core.interfaces import EncoderConfig, Preprocess, VisionEncoder
+from vlmkit.core.interfaces import BuildContext, EncoderConfig, Preprocess, VisionEncoder
 from vlmkit.encoders.probe import blank_image, eval_mode
 
 _FIELD = "model.encoder"
@@ -145,9 +145,16 @@ class HFVisionEncoder(VisionEncoder):
 
     Config = HFVisionEncoderConfig
 
-    def __init__(self, config: HFVisionEncoderConfig):
+    @classmethod
+    def build(cls, config: HFVisionEncoderConfig, context: BuildContext) -> "HFVisionEncoder":
+        """transformers builds and loads ``pretrained`` in one call (``from_pretrained``): on the
+        meta device the architecture is built from its config only."""
+        return cls(config, meta=context.meta)
+
+    def __init__(self, config: HFVisionEncoderConfig, *, meta: bool = False):
+        """``meta``: build on the meta device (under ``torch.device("meta")``), reading no weights."""
         super().__init__(config)
-        self.model, self._vision_config = self._load(config)
+        self.model, self._vision_config = self._load(config, meta)
         vc = self._vision_config
         self._layers = getattr(vc, "num_hidden_layers", None)
         if self._layers is not None and not -(self._layers + 1) <= config.select_layer <= self._layers:
@@ -178,7 +185,7 @@ class HFVisionEncoder(VisionEncoder):
 
     # ------------------------------------------------------------------ building
     @staticmethod
-    def _load(config: HFVisionEncoderConfig) -> tuple[nn.Module, Any]:
+    def _load(config: HFVisionEncoderConfig, meta: bool) -> tuple[nn.Module, Any]:
         from transformers import AutoConfig, AutoModel
         from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
@@ -186,7 +193,7 @@ class HFVisionEncoder(VisionEncoder):
         common: dict[str, Any] = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
         if config.attn_implementation is not None:
             common["attn_implementation"] = config.attn_implementation
-        if config.config is not None or on_meta():
+        if config.config is not None or meta:
             if config.config is not None:
                 options = dict(config.config)
             else:

@@ -42,8 +42,7 @@ from pydantic import ValidationInfo, field_validator
 from torch import nn
 
 from vlmkit.core.errors import VlmkitError, suggest
-from vlmkit.core.interfaces import EncoderConfig, Preprocess, VisionEncoder
-from vlmkit.core.meta import on_meta
+from vlmkit.core.interfaces import BuildContext, EncoderConfig, Preprocess, VisionEncoder
 from vlmkit.core.weights import load_state_dict_file
 from vlmkit.encoders.probe import blank_image, eval_mode
 
@@ -128,16 +127,23 @@ class OpenClipEncoder(VisionEncoder):
 
     Config = OpenClipEncoderConfig
 
-    def __init__(self, config: OpenClipEncoderConfig):
+    @classmethod
+    def build(cls, config: OpenClipEncoderConfig, context: BuildContext) -> "OpenClipEncoder":
+        """open_clip builds and loads ``pretrained`` in one call: on the meta device it builds the
+        architecture only."""
+        return cls(config, meta=context.meta)
+
+    def __init__(self, config: OpenClipEncoderConfig, *, meta: bool = False):
+        """``meta``: build on the meta device (under ``torch.device("meta")``), reading no weights."""
         super().__init__(config)
         from open_clip.modified_resnet import ModifiedResNet
         from open_clip.timm_model import TimmModel
         from open_clip.transformer import VisionTransformer
 
-        model = self._create(config)
+        model = self._create(config, meta)
         visual = model.visual
         del model  # the text tower (and logit scale) go with it
-        if config.checkpoint is not None and not on_meta():
+        if config.checkpoint is not None and not meta:
             self._load_checkpoint(visual, Path(config.checkpoint))
 
         pre = open_clip.get_model_preprocess_cfg(visual)
@@ -204,7 +210,7 @@ class OpenClipEncoder(VisionEncoder):
         self._probed_width: int | None = None
 
     @staticmethod
-    def _create(config: OpenClipEncoderConfig) -> nn.Module:
+    def _create(config: OpenClipEncoderConfig, meta: bool) -> nn.Module:
         base = open_clip.get_model_config(config.model_name) or {}
         overrides: dict[str, Any] = {}
         for key, value in config.model_cfg.items():
@@ -223,8 +229,8 @@ class OpenClipEncoder(VisionEncoder):
         try:
             return open_clip.create_model(
                 config.model_name,
-                pretrained=None if on_meta() else config.pretrained,
-                device="meta" if on_meta() else "cpu",
+                pretrained=None if meta else config.pretrained,
+                device="meta" if meta else "cpu",
                 pretrained_image=False,
                 pretrained_text=False,
                 weights_only=True,

@@ -24,7 +24,6 @@ from pydantic import PositiveInt, ValidationInfo, field_validator
 
 from vlmkit.core.errors import VlmkitError, suggest
 from vlmkit.core.interfaces import EncoderConfig, Preprocess, VisionEncoder
-from vlmkit.core.meta import on_meta
 from vlmkit.core.weights import load_state_dict_file
 from vlmkit.encoders.probe import blank_image, eval_mode
 
@@ -172,31 +171,6 @@ class TimmEncoder(VisionEncoder):
             self.model = timm.create_model(config.model_name, pretrained=False, num_classes=0, **kwargs)
         except TypeError as exc:
             raise VlmkitError(f"model.encoder.model_kwargs: timm model '{config.model_name}' rejected them: {exc}") from None
-        if config.weights is not None and not on_meta():
-            state = load_state_dict_file(Path(config.weights), "model.encoder.weights")
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
-            missing = [k for k in missing if not k.startswith(("head.", "classifier.", "fc."))]
-            if missing:
-                raise VlmkitError(
-                    f"model.encoder.weights: {config.weights} lacks {len(missing)} tensors of '{config.model_name}', "
-                    f"e.g. {missing[:3]}"
-                )
-        if config.packaged_weights is not None and not on_meta():
-            state = packaged_state_dict(config.packaged_weights)
-            # the encoder's model is the packaged architecture without its classifier (and, with
-            # feature_stage, without the head convolution): those tensors are left over, nothing is missing
-            try:
-                missing, _unused = self.model.load_state_dict(state, strict=False)
-            except RuntimeError as exc:  # shapes changed by model_kwargs
-                raise VlmkitError(
-                    f"{_PACKAGED_FIELD}: '{config.packaged_weights}' does not fit the encoder built with model_kwargs "
-                    f"{config.model_kwargs}: {exc}"
-                ) from None
-            if missing:
-                raise VlmkitError(
-                    f"{_PACKAGED_FIELD}: '{config.packaged_weights}' does not cover {len(missing)} tensors of the "
-                    f"encoder built with model_kwargs {config.model_kwargs}, e.g. {missing[:3]}"
-                )
         data_cfg = timm.data.resolve_model_data_config(self.model)
         size = config.image_size or int(data_cfg["input_size"][-1])
         self._preprocess = Preprocess(
@@ -209,6 +183,34 @@ class TimmEncoder(VisionEncoder):
         else:
             self._width = int(self.model.num_features)
         self._tokens: dict[int, int] = {}
+
+    def load_weights(self) -> None:
+        """``weights`` (a state-dict file) or ``packaged_weights`` into the built architecture."""
+        if self.config.weights is not None:
+            state = load_state_dict_file(Path(self.config.weights), "model.encoder.weights")
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith(("head.", "classifier.", "fc."))]
+            if missing:
+                raise VlmkitError(
+                    f"model.encoder.weights: {self.config.weights} lacks {len(missing)} tensors of '{self.config.model_name}', "
+                    f"e.g. {missing[:3]}"
+                )
+        if self.config.packaged_weights is not None:
+            state = packaged_state_dict(self.config.packaged_weights)
+            # the encoder's model is the packaged architecture without its classifier (and, with
+            # feature_stage, without the head convolution): those tensors are left over, nothing is missing
+            try:
+                missing, _unused = self.model.load_state_dict(state, strict=False)
+            except RuntimeError as exc:  # shapes changed by model_kwargs
+                raise VlmkitError(
+                    f"{_PACKAGED_FIELD}: '{self.config.packaged_weights}' does not fit the encoder built with model_kwargs "
+                    f"{self.config.model_kwargs}: {exc}"
+                ) from None
+            if missing:
+                raise VlmkitError(
+                    f"{_PACKAGED_FIELD}: '{self.config.packaged_weights}' does not cover {len(missing)} tensors of the "
+                    f"encoder built with model_kwargs {self.config.model_kwargs}, e.g. {missing[:3]}"
+                )
 
     @property
     def width(self) -> int:

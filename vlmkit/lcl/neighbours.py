@@ -130,7 +130,9 @@ def _build(kind: str, spec: dict[str, Any], where: str) -> Any:
         config = cls.Config(**spec)
     except Exception as exc:  # pydantic ValidationError: name the section
         raise VlmkitError(f"{where}: {exc}") from None
-    return cls(config)
+    from vlmkit.core.interfaces import BuildContext
+
+    return cls.build(config, BuildContext())  # constructed, then its weights read
 
 
 def class_embeddings(
@@ -169,9 +171,9 @@ def class_embeddings(
             text = torch.stack(rows)
     from safetensors.torch import save_file
 
-    file.parent.mkdir(parents=True, exist_ok=True)
+    from vlmkit.core.checkpoint import atomic_file
+
     tensors = {k: v.contiguous() for k, v in (("image", image), ("text", text)) if v is not None}
-    tmp = file.with_suffix(f".tmp{random.randrange(1 << 30)}")
-    save_file(tensors, str(tmp))
-    Path(tmp).replace(file)
+    with atomic_file(file) as tmp:
+        save_file(tensors, str(tmp))
     return image, text

@@ -20,13 +20,12 @@ after vlmkit's own files, e.g. ``checkpoints/.step-00000012.tmp-x1y2``, ``.expor
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
+from vlmkit.core.checkpoint import write_text_atomic
 from vlmkit.core.errors import VlmkitError
 
 MARKER = ".vlmkit-run"
@@ -96,7 +95,7 @@ def prepare_run_folder(folder: Path, kind: str, recipe_name: str) -> list[str]:
 
 
 def write_marker(folder: Path, recipe_name: str) -> Path:
-    """Write ``folder/.vlmkit-run`` atomically (a temporary file, then ``os.replace``)."""
+    """Write ``folder/.vlmkit-run`` atomically (:func:`~vlmkit.core.checkpoint.write_text_atomic`)."""
     import vlmkit
 
     data = {
@@ -106,18 +105,7 @@ def write_marker(folder: Path, recipe_name: str) -> Path:
         "vlmkit_version": vlmkit.__version__,
         "note": "this folder is a vlmkit run folder: `recipes run` resumes and rewrites the files it wrote here",
     }
-    target = Path(folder) / MARKER
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{MARKER}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(json.dumps(data, indent=1) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_text_atomic(Path(folder) / MARKER, json.dumps(data, indent=1) + "\n")
 
 
 def clean_stale_temporaries(folder: Path) -> list[Path]:

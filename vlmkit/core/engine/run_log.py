@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from vlmkit.core.checkpoint import atomic_file, write_text_atomic
 from vlmkit.core.errors import VlmkitError
 
 METRICS_FILE = "metrics.jsonl"
@@ -114,14 +114,8 @@ class RunLog:
             self.plot_path.unlink(missing_ok=True)
             return None
         figure = loss_figure(records, title=self.output_dir.name)
-        fd, tmp = tempfile.mkstemp(dir=self.output_dir, prefix=f".{PLOT_FILE}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                figure.savefig(out, format="png", dpi=100)
-            os.replace(tmp, self.plot_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(self.plot_path) as tmp:
+            figure.savefig(tmp, format="png", dpi=100)
         return self.plot_path
 
     def close(self) -> None:
@@ -283,32 +277,8 @@ def _repair_tail(path: Path) -> None:
 
 
 def _rewrite(path: Path, lines: list[str]) -> None:
-    """Replace the file's content by these lines atomically: a temporary file in the same folder,
-    fsync'ed, then os.replace (and an fsync of the folder, so the rename itself is durable)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
-            out.writelines(lines)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not possible on every platform; the replace itself is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Replace the file's content by these lines atomically (:func:`~vlmkit.core.checkpoint.write_text_atomic`)."""
+    write_text_atomic(path, "".join(lines))
 
 
 __all__ = [

@@ -118,9 +118,12 @@ def save_training_state(
     recipe_yaml: str,
     keep_last: int,
     rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+    tuning_json: str | None = None,
 ) -> Path:
     """``rng``: the generator states to store (default: now); Ctrl-C passes those of the start of the
-    interrupted step so a resumed run repeats it exactly."""
+    interrupted step so a resumed run repeats it exactly. ``tuning_json``: the stages' tuning records
+    (:func:`vlmkit.core.tuning.records_json`: what each stage made trainable, which names
+    ``model.safetensors`` holds), written as ``tuning.json``."""
     target = Path(output_dir) / "checkpoints" / f"step-{trainer.global_step:08d}"
     if optimizer is not None:
         opt_tensors, opt_plain = optimizer_to_files(optimizer)
@@ -139,6 +142,8 @@ def save_training_state(
             _write_json(tmp / "rng.json", rng_plain)
             _write_json(tmp / "trainer.json", asdict(trainer))
             (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+            if tuning_json is not None:
+                (tmp / "tuning.json").write_text(tuning_json, encoding="utf-8")
     except (OSError, SafetensorError) as exc:  # a full disk, a read-only folder: the older checkpoints stay
         kept = checkpoint_dirs(output_dir)
         raise VlmkitError(

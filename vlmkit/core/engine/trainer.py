@@ -1,11 +1,12 @@
 """The engine: one trainer for every recipe, from one CPU core to many GPUs through accelerate.
 
 Stages run in the recipe's order on one model, so each starts from the weights the previous one
-left. Per step: ``grad_accum`` micro-batches of ``batch_size`` samples over all processes; the loss
-is the token-level cross-entropy normalised by the number of answer tokens in the whole global
-batch (so 1 process x batch 8 and 2 processes x batch 4 take the same step, whatever the answer
-lengths). Checkpoints (:mod:`vlmkit.core.engine.state`) make a run resumable exactly: a resumed run
-ends bitwise equal to an uninterrupted one on the CPU.
+left. Per step: ``grad_accum`` micro-batches of ``batch_size`` samples over all processes, taken
+by :class:`vlmkit.core.engine.step.TrainStep` (forward, loss, backward, optimizer step; the loss is
+the token-level cross-entropy normalised by the number of answer tokens in the whole global batch);
+the engine orchestrates around it (stages, resume, data order, checkpoints, evaluation, reports).
+Checkpoints (:mod:`vlmkit.core.engine.state`) make a run resumable exactly: a resumed run ends
+bitwise equal to an uninterrupted one on the CPU.
 
 Precision: ``precision: bf16`` / ``fp16`` runs each forward under autocast (fp16 with a gradient
 scaler); the loss is taken in fp32. Whatever dtype a component is loaded in, the parameters a stage
@@ -24,7 +25,6 @@ micro-batch as passes over samples of similar length (:func:`vlmkit.core.data.co
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,17 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm.auto import tqdm
 
-from vlmkit.core.compose import IMAGE_TOKEN, VisionLanguageModel, build_model
+from vlmkit.core.compose import VisionLanguageModel, build_model
 from vlmkit.core.data.build import build_dataset
-from vlmkit.core.data.collate import IGNORE, Collator, split_by_length
+from vlmkit.core.data.collate import Collator
 from vlmkit.core.data.rendered import RenderedDataset
 from vlmkit.core.engine.features import FeatureCache, describe, encoder_fingerprint
 from vlmkit.core.engine.optim import build_optimizer, build_scheduler, param_groups, total_steps
 from vlmkit.core.engine.sampler import StageBatchSampler, mix_options
+from vlmkit.core.engine.step import TrainStep
 from vlmkit.core.engine.state import (
     LoadedState,
     TrainerState,
@@ -57,14 +57,13 @@ from vlmkit.core.recipe.loader import ResolvedRecipe
 from vlmkit.core.recipe.preflight import check_init_from_files
 from vlmkit.core.recipe.schema import StageSpec
 from vlmkit.core.tuning import (
-    apply_tuning,
+    StageTuning,
+    TuningRecord,
     fit_row_moments,
     new_token_rows,
+    records_json,
     release_new_token_rows,
-    trained_names,
 )
-
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class RunInterrupted(VlmkitError):
@@ -118,8 +117,18 @@ def run(
     return Engine(resolved, Path(output_dir), registry, progress).run(resume, overwrite)
 
 
-def _recipe_body(text: str) -> str:
-    return "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+def same_recipe(stored_yaml: str, resolved: ResolvedRecipe) -> bool:
+    """Whether a checkpoint's ``recipe.yaml`` is the recipe ``resolved``: the two parsed mappings of
+    the resolved recipes are equal (comments, such as the header naming the source file and the
+    ``--set`` options that produced it, key order and formatting do not count). A stored recipe
+    that does not parse is a different one."""
+    from vlmkit.core.recipe.yaml_io import dump_yaml, parse_yaml_mapping
+
+    try:
+        stored = parse_yaml_mapping(stored_yaml, "checkpoint recipe.yaml")
+    except VlmkitError:
+        return False
+    return stored == parse_yaml_mapping(dump_yaml(resolved.data), "resolved recipe")
 
 
 class Engine:
@@ -138,15 +147,12 @@ class Engine:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.main = self.accelerator.is_main_process
         self.progress = progress and self.main
-        self.trained: set[str] = set()  # parameter names trained so far in the run
+        self.trained: set[str] = set()  # parameter names trained so far in the run (the records' names)
+        self.tunings: list[TuningRecord] = []  # what each stage's tuning made trainable, in order
         self.log = None
-        self._logits_to_keep: bool | None = None  # the decoder projects only the kept positions
         run_spec = self.recipe.run
         #: the frozen encoder's features, by frame content (run.cache_features); lives for the run
         self.feature_cache = FeatureCache(run_spec.feature_cache_mib * 2**20) if run_spec.cache_features else None
-        self._use_cache = False  # the current stage passes the cache (its encoder is frozen)
-        self._length_groups = 1  # the current stage's run.length_groups (1: whole micro-batches)
-        self._passes = 0  # forward/backward passes of the current stage
         self._reported: dict[tuple[str, str], str] = {}  # the data reports printed, to print each once
 
     # ------------------------------------------------------------------ the run
@@ -163,7 +169,7 @@ class Engine:
         state: LoadedState | None = None
         if existing and resume is not False:
             state = load_training_state(existing[-1])
-            if resume is None and _recipe_body(state.recipe_yaml) != _recipe_body(self.resolved.to_yaml()):
+            if resume is None and not same_recipe(state.recipe_yaml, self.resolved):
                 raise VlmkitError(
                     f"{out} holds checkpoints of a different recipe (see {existing[-1] / 'recipe.yaml'}); choose another "
                     "--output-dir, or pass --resume to continue that run with this recipe"
@@ -291,8 +297,7 @@ class Engine:
         for k in range(t.stage_index + 1):
             if not self.recipe.stages[k].enabled:
                 continue
-            apply_tuning(model, self.recipe.stages[k].tune, f"stages.{k}", new_token_rows=not self._sharded())
-            self.trained |= trained_names(model)
+            self._tune(model, k)
         params = dict(model.named_parameters())
         unknown = sorted(set(state.weights) - set(params))
         if unknown:
@@ -317,8 +322,7 @@ class Engine:
         if stage.init_from is not None and state is None:
             self._init_from(model, stage, label)
         # trainable parameters now fp32 master weights; new_tokens: row parameters of the added tokens
-        report = apply_tuning(model, stage.tune, label, new_token_rows=not self._sharded())
-        self.trained |= trained_names(model)
+        report = self._tune(model, k).report
         self._check_precision(model, stage, label)
         groups = param_groups(model, stage)
         if not groups:
@@ -333,15 +337,8 @@ class Engine:
             **mix_options(stage, self.recipe.data), rank=acc.process_index, world_size=acc.num_processes,
             start=consumed, where=label, names=list(stage.data),
         )
-        self.prepare_speed(model, stage, report)
-        collator = Collator(
-            tokenizer=model.decoder.tokenizer,
-            preprocess=model.encoder.preprocess,
-            image_token=IMAGE_TOKEN,
-            placeholder_tokens=model.placeholder_tokens,
-            max_length=stage.max_length,
-            frame_keys=self._use_cache,
-        )
+        train_step = self.train_step(model, stage, report)
+        collator = model.collator(max_length=stage.max_length, frame_keys=train_step.feature_cache is not None)
         total = total_steps(stage, sampler.batches_per_epoch)
         scheduler = build_scheduler(optimizer, stage, total)
         scaler = torch.amp.GradScaler(acc.device.type) if stage.precision == "fp16" else None
@@ -374,8 +371,8 @@ class Engine:
         bar = tqdm(total=total, initial=step, desc=f"stage {stage.name}", disable=not self.progress, dynamic_ncols=True)
         last_saved = step if state is not None else -1
         safe = (capture_rng(), consumed)  # generator states and data position after the last whole step
-        cache_before = self.feature_cache.stats() if self._use_cache else None
-        self._passes, batches_run = 0, 0
+        cache_before = self.feature_cache.stats() if train_step.feature_cache is not None else None
+        passes, batches_run = 0, 0
         try:
             while step < total:
                 t0 = time.perf_counter()
@@ -383,7 +380,13 @@ class Engine:
                 if (consumed + stage.grad_accum) // sampler.batches_per_epoch > consumed // sampler.batches_per_epoch:
                     self._data_report(stage, parts, collator)  # an epoch ended
                 consumed += stage.grad_accum
-                loss_value, n_samples = self._step(wrapped, stage, micro, step, scaler, optimizer, trainable)
+                done = train_step(
+                    wrapped, micro, optimizer, trainable, scaler, where=f"stage '{stage.name}' step {step + 1}",
+                    advice=f"; the last good checkpoint is kept in {self.output_dir / 'checkpoints'}; lower the "
+                    "learning rate or check these samples",
+                )
+                loss_value, n_samples = done.loss, done.samples
+                passes += done.passes
                 batches_run += len(micro)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -419,16 +422,32 @@ class Engine:
         bar.close()
         self._data_report(stage, parts, collator)
         cache = describe(cache_before, self.feature_cache.stats()) if cache_before is not None else None
-        passes = self._passes / batches_run if batches_run else 1.0
-        self._speed_report(stage, cache, passes)
+        passes = passes / batches_run if batches_run else 1.0
+        self._speed_report(stage, cache, passes, train_step.length_groups)
         checkpoint = self._save(model, optimizer, scheduler, scaler, k, step, consumed, True)
         return StageResult(stage.name, step, losses, checkpoint, cache, passes)
 
-    def prepare_speed(self, model: VisionLanguageModel, stage: StageSpec, report: dict[str, dict[str, int]]) -> None:
-        """The stage's use of run.cache_features and run.length_groups (``report``: its tuning's
-        trainable counts per component); :meth:`_step` follows them."""
-        self._use_cache = self._cache_for_stage(model, stage, report)
-        self._length_groups = self._groups_for_stage(model, stage, report)
+    def _tune(self, model: VisionLanguageModel, k: int) -> TuningRecord:
+        """Apply stage ``k``'s tuning (the previous one's gradient masks removed) and keep its record."""
+        tuning = StageTuning(self.recipe.stages[k].tune, f"stages.{k}.tune", new_token_rows=not self._sharded())
+        record = tuning.apply(model, previous=self.tunings[-1] if self.tunings else None)
+        if self.tunings and self.tunings[-1].stage == record.stage:
+            self.tunings[-1] = record  # a resumed stage, applied again after its restore
+        else:
+            self.tunings.append(record)
+        self.trained |= set(record.names)
+        return record
+
+    def train_step(self, model: VisionLanguageModel, stage: StageSpec, report: dict[str, dict[str, int]]) -> TrainStep:
+        """The stage's training step (:class:`~vlmkit.core.engine.step.TrainStep`) with its precision,
+        clipping and use of run.cache_features and run.length_groups (``report``: its tuning's
+        trainable counts per component)."""
+        use_cache = self._cache_for_stage(model, stage, report)
+        return TrainStep(
+            self.accelerator, precision=stage.precision, max_grad_norm=stage.max_grad_norm,
+            length_groups=self._groups_for_stage(model, stage, report),
+            feature_cache=self.feature_cache if use_cache else None,
+        )
 
     def _cache_for_stage(self, model: VisionLanguageModel, stage: StageSpec, report: dict[str, dict[str, int]]) -> bool:
         """Whether this stage reads the encoder's features from the cache: with run.cache_features,
@@ -465,7 +484,7 @@ class Engine:
             return 1
         return groups
 
-    def _speed_report(self, stage: StageSpec, cache: dict[str, Any] | None, passes: float) -> None:
+    def _speed_report(self, stage: StageSpec, cache: dict[str, Any] | None, passes: float, groups: int) -> None:
         if not self.progress:
             return
         if cache is not None:
@@ -476,8 +495,8 @@ class Engine:
             if cache["bypassed"]:
                 line += f"; {cache['bypassed']} frames encoded without it (encoder not frozen or not in eval mode)"
             tqdm.write(line)
-        if self._length_groups > 1:
-            tqdm.write(f"stage {stage.name}: run.length_groups {self._length_groups}: {passes:.2f} passes per micro-batch")
+        if groups > 1:
+            tqdm.write(f"stage {stage.name}: run.length_groups {groups}: {passes:.2f} passes per micro-batch")
 
     @staticmethod
     def _check_precision(model: VisionLanguageModel, stage: StageSpec, label: str) -> None:
@@ -548,73 +567,6 @@ class Engine:
                 self._reported[key] = line
                 tqdm.write(f"stage {stage.name} data: {line}")
 
-    def _step(
-        self, wrapped: Any, stage: StageSpec, micro: list[dict[str, Any]], step: int,
-        scaler: Any, optimizer: Any, trainable: list[torch.nn.Parameter],
-    ) -> tuple[float, int]:
-        """One optimizer step over ``micro``; returns the global mean loss per answer token and the
-        number of samples this process saw."""
-        acc = self.accelerator
-        device = acc.device
-        tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-        n_tokens = acc.reduce(torch.tensor(float(tokens), device=device), reduction="sum")
-        n_tokens = max(float(n_tokens), 1.0)
-        world = acc.num_processes
-        dtype = _AUTOCAST.get(stage.precision)
-        loss_sum = torch.zeros((), device=device)
-        if self._logits_to_keep is None:
-            self._logits_to_keep = bool(acc.unwrap_model(wrapped).decoder.supports_logits_to_keep)
-        only_trained = self._logits_to_keep
-        # run.length_groups: each micro-batch as passes over samples of similar length (same sums)
-        passes = [part for batch in micro for part in split_by_length(batch, self._length_groups)]
-        self._passes += len(passes)
-        for i, batch in enumerate(passes):
-            tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            labels = tensors.pop("labels")
-            # run.cache_features: the frozen encoder's features by frame content, passed explicitly
-            features = {"feature_cache": self.feature_cache, "frame_keys": batch["frame_keys"]} if self._use_cache else {}
-            sync = contextlib.nullcontext() if i == len(passes) - 1 or world == 1 else acc.no_sync(wrapped)
-            with sync:
-                if only_trained:
-                    # project onto the vocabulary only the positions that predict a trained token
-                    targets = labels[:, 1:]
-                    keep = F.pad(targets != IGNORE, (0, 1), value=False)  # (B, L): position t predicts t+1
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        # (kept, vocab); no KV cache is built for a training forward
-                        logits = wrapped(**tensors, **features, logits_to_keep=keep, use_cache=False).logits
-                    ce = F.cross_entropy(logits.float(), targets[targets != IGNORE], reduction="sum")
-                else:
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        logits = wrapped(**tensors, **features).logits
-                    ce = F.cross_entropy(
-                        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                        ignore_index=IGNORE, reduction="sum",
-                    )
-                if not torch.isfinite(ce):
-                    ids = ", ".join(batch["ids"])
-                    raise VlmkitError(
-                        f"stage '{stage.name}' step {step + 1}: the loss is {ce.item()} for the batch of samples {ids}; "
-                        f"the last good checkpoint is kept in {self.output_dir / 'checkpoints'}; lower the learning "
-                        "rate or check these samples"
-                    )
-                loss = ce / n_tokens * world  # DDP averages gradients over the world
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                else:
-                    acc.backward(loss)
-            loss_sum = loss_sum + ce.detach()
-        if stage.max_grad_norm is not None:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            acc.clip_grad_norm_(trainable, stage.max_grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        total = acc.reduce(loss_sum, reduction="sum")
-        return float(total) / n_tokens, sum(len(b["ids"]) for b in micro)
-
     # ------------------------------------------------------------------ saving, reporting
     def _save(self, model, optimizer, scheduler, scaler, k, step, consumed, done, rng=None) -> Path:
         acc = self.accelerator
@@ -632,6 +584,7 @@ class Engine:
             path = save_training_state(
                 self.output_dir, weights=weights, optimizer=None if sharded else optimizer, scheduler=scheduler, scaler=scaler,
                 trainer=trainer, recipe_yaml=self.resolved.to_yaml(), keep_last=self.recipe.run.keep_last, rng=rng,
+                tuning_json=records_json(self.tunings),
             )
         acc.wait_for_everyone()
         return path

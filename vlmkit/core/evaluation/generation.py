@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from vlmkit.core.data.collate import Collator
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import IMAGE_TOKEN, Sample
 
@@ -66,8 +65,7 @@ def generate(
     search only): beam scores are summed log-probabilities divided by length ** it (transformers'
     default 1.0 when unset)."""
     tokenizer = model.decoder.tokenizer
-    collator = Collator(tokenizer=tokenizer, preprocess=model.encoder.preprocess, image_token=IMAGE_TOKEN,
-                        placeholder_tokens=model.placeholder_tokens, padding_side="left", prompts=True)
+    collator = model.collator(padding_side="left", prompts=True)
     stops = stop_token_ids(tokenizer, template)
     device = next(model.parameters()).device
     beam_options = {"length_penalty": length_penalty} if num_beams > 1 and length_penalty is not None else {}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from vlmkit.core.data.collate import IGNORE, Collator
+from vlmkit.core.data.collate import IGNORE
 from vlmkit.core.interfaces import IMAGE_TOKEN, Sample
 
 
@@ -23,9 +23,7 @@ def answer_loglikelihoods(
     model: Any, samples: Sequence[Sample], *, batch_size: int = 8, progress: bool = False, desc: str = "scoring",
 ) -> list[tuple[float, int]]:
     """Per sample: (sum of log p over its trained tokens, how many tokens), in order."""
-    tokenizer = model.decoder.tokenizer
-    collator = Collator(tokenizer=tokenizer, preprocess=model.encoder.preprocess, image_token=IMAGE_TOKEN,
-                        placeholder_tokens=model.placeholder_tokens, padding_side="right")
+    collator = model.collator(padding_side="right")
     device = next(model.parameters()).device
     out: list[tuple[float, int]] = []
     was_training = model.training

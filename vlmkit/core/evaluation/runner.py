@@ -9,11 +9,10 @@ evaluator, ``<out>/eval/<label>/<name>.json`` (metrics, counts and every item) a
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from vlmkit.core.checkpoint import atomic_file, write_text_atomic
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.interfaces import EvalContext, EvalResult
 
@@ -50,11 +49,7 @@ def run_evaluations(
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def write_result(result: EvalResult, folder: Path) -> None:
@@ -158,12 +153,11 @@ def comparison_plot(results: list[EvalResult], labels: list[str], path: Path, ti
     ax.set_title(title or results[0].name)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
