@@ -131,7 +131,7 @@ def test_ctrl_c_saves_and_resume_is_exact(reference, tmp_path, monkeypatch):
         run(load_recipe(no_periodic), tmp_path / "run", progress=False)
     last = checkpoint_dirs(tmp_path / "run")[-1]
     assert json.loads((last / "trainer.json").read_text())["global_step"] == 8
-    monkeypatch.setattr(trainer.Engine, "_step", original)
+    monkeypatch.setattr(step_module.TrainStep, "__call__", original)
     run(load_recipe(no_periodic), tmp_path / "run", progress=False)
     assert_bitwise_equal(final_state(tmp_path / "run"), final_state(ref))
     assert resolved.recipe.stages[1].max_steps == 6

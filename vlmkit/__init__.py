@@ -2,7 +2,7 @@
 
 The plug-in author's contract is :data:`hookimpl` (the hooks are documented in
 :mod:`vlmkit.core.hookspecs`) plus the interfaces and markers of :mod:`vlmkit.core.interfaces`,
-re-exported here lazily, so importing ``hookimpl`` stays cheap: the component interfaces and their
+re-exported here lazily, so importing ``hookimpl`` stays cheap: ``BuildContext`` and ``ModelComponent``, the component interfaces and their
 configs, ``Sample``, the evaluator's ``Evaluator``, ``EvaluatorConfig``, ``EvalContext`` and
 ``EvalResult``, and the text markers ``IMAGE_TOKEN`` and ``END_OF_CHUNK``.
 """
@@ -16,6 +16,8 @@ from vlmkit.core.hookspecs import hookimpl
 __version__ = "0.1.0"
 
 _INTERFACE_NAMES = {
+    "BuildContext",
+    "ModelComponent",
     "ComponentConfig",
     "Preprocess",
     "VisionEncoder",
