@@ -10,12 +10,11 @@ evaluator, one line per metric row) and writes the same numbers to ``<run>/eval/
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from vlmkit.core.checkpoint import atomic_file
 from vlmkit.core.evaluation.runner import EVAL_DIR, read_result
 
 __all__ = [
@@ -119,12 +118,5 @@ def _figure(points: dict[str, dict[str, dict[int, float]]], title: str) -> Any:
 
 
 def _atomic_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(payload)
