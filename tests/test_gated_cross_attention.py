@@ -431,13 +431,15 @@ def test_generation_that_drops_its_cache_fails_instead_of_going_blind(gen_setup)
         seen.append(chunk)
         return args, kwargs
 
+    before = [len(m._forward_pre_hooks) for m in (*dec.decoder_layers(), model)]
     handle = model.register_forward_pre_hook(whole_sequence_again, with_kwargs=True)
     try:
         with pytest.raises(RuntimeError, match="whole sequence .* again although the call asked for a KV cache"):
             _generate_greedy(fusion, dec, ids, mask, media, media_mask, 4, use_cache=True)
     finally:
         handle.remove()
-    assert fusion._state is None  # the failed call left nothing behind: the next one works
+    # the failed call left nothing behind: the next one works
+    assert [len(m._forward_pre_hooks) for m in (*dec.decoder_layers(), model)] == before
     assert _generate_greedy(fusion, dec, ids, mask, media, media_mask, 2).shape == (2, 2)
 
 
