@@ -266,6 +266,132 @@ def test_decoder_called_outside_the_fusion_is_refused():
         dec(inputs_embeds=torch.randn(1, 3, D))
 
 
+def _pre_hook_counts(dec: HFCausalLM) -> list[int]:
+    """The forward pre-hooks on every decoder layer and on the transformers model."""
+    return [len(m._forward_pre_hooks) for m in (*dec.decoder_layers(), dec.generation_module())]
+
+
+def _tensors_outside_parameters(fusion: GatedCrossAttentionFusion) -> list[str]:
+    """Attributes of the fusion (other than its parameters, buffers and submodules) that reference a
+    tensor, looking into containers and dataclasses but not into other modules."""
+    found = []
+
+    def walk(value, where, seen):
+        if id(value) in seen or isinstance(value, nn.Module):
+            return
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            found.append(where)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{where}[{k!r}]", seen)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]", seen)
+        elif hasattr(value, "__dict__") and not isinstance(value, type):
+            for k, v in vars(value).items():
+                walk(v, f"{where}.{k}", seen)
+
+    for name, value in vars(fusion).items():
+        if name not in ("_parameters", "_buffers", "_modules"):
+            walk(value, name, set())
+    return found
+
+
+def _plain_attributes(fusion: GatedCrossAttentionFusion) -> dict[str, object]:
+    return {k: v for k, v in vars(fusion).items() if k not in ("_parameters", "_buffers", "_modules")}
+
+
+def test_calls_leave_no_media_and_no_hooks_on_the_modules():
+    """Media are a per-call input: after a forward, a generate, or a call that fails inside the
+    decoder, the fusion holds no tensor outside its parameters, its plain attributes are the ones it
+    had, and every hook a call registered is gone; the decoder alone is still refused."""
+    dec = _decoder("llama")
+    fusion = _fusion(dec, every_n_layers=2)
+    _set_gates(fusion, 1.0)
+    tok, img = dec.tokenizer, fusion.image_token_id
+    ids, mask = _batch([_ids(tok, img, None, "a cat"), _ids(tok, img, "hi ", None, "x")], tok.pad_token_id)
+    media, media_mask = torch.randn(2, 1, Q, D_VIS), torch.ones(2, 1, dtype=torch.bool)
+    hooks, attributes = _pre_hook_counts(dec), _plain_attributes(fusion)
+    assert _tensors_outside_parameters(fusion) == []
+
+    def unchanged():
+        assert _pre_hook_counts(dec) == hooks
+        assert _plain_attributes(fusion).keys() == attributes.keys()
+        assert all(_plain_attributes(fusion)[k] is v or _plain_attributes(fusion)[k] == v
+                   for k, v in attributes.items())
+        assert _tensors_outside_parameters(fusion) == []
+        with pytest.raises(RuntimeError, match="through the fusion"):
+            dec(inputs_embeds=torch.randn(1, 3, D))
+
+    during = []  # ... nor while a call runs: the media reach the blocks only through the call's own hooks
+
+    def look(module, args, kwargs):
+        during.append(_tensors_outside_parameters(fusion))
+
+    watch = dec.decoder_layers()[-1].register_forward_pre_hook(look, with_kwargs=True)
+    hooks = _pre_hook_counts(dec)
+    with torch.no_grad():
+        fusion(dec, ids, mask, media, media_mask)
+    assert during == [[]]
+    unchanged()
+    for use_cache in (True, False):
+        _generate_greedy(fusion, dec, ids, mask, media, media_mask, 3, use_cache=use_cache)
+        unchanged()
+    fusion.generate(dec, ids, mask, media, media_mask, max_new_tokens=2, num_beams=2, do_sample=False)
+    unchanged()
+    assert len(during) > 1 and not any(during)
+    watch.remove()
+    hooks = _pre_hook_counts(dec)
+
+    # a call that fails inside the decoder (after the fusion hooked its blocks in)
+    def fail(module, args, kwargs):
+        raise ValueError("a layer failed")
+
+    failing = dec.decoder_layers()[-1].register_forward_pre_hook(fail, with_kwargs=True)
+    counts = _pre_hook_counts(dec)
+    try:
+        with pytest.raises(ValueError, match="a layer failed"), torch.no_grad():
+            fusion(dec, ids, mask, media, media_mask)
+        assert _pre_hook_counts(dec) == counts
+        with pytest.raises(ValueError, match="a layer failed"):
+            _generate_greedy(fusion, dec, ids, mask, media, media_mask, 2)
+        assert _pre_hook_counts(dec) == counts
+    finally:
+        failing.remove()
+    unchanged()
+    with torch.no_grad():  # and the next call works as before
+        assert fusion(dec, ids, mask, media, media_mask).logits.shape[:2] == ids.shape
+
+
+@pytest.mark.parametrize("inner", ["forward", "generate"])
+def test_a_fusion_call_inside_another_is_refused(inner):
+    dec = _decoder("llama")
+    fusion = _fusion(dec, every_n_layers=2)
+    ids = torch.tensor([_ids(dec.tokenizer, fusion.image_token_id, None, "a cat")])
+    mask, media, media_mask = torch.ones_like(ids), torch.randn(1, 1, Q, D_VIS), torch.ones(1, 1, dtype=torch.bool)
+    hooks = _pre_hook_counts(dec)
+    calls = []
+
+    def nested(module, args, kwargs):  # runs inside the outer call, before its first layer
+        if not calls:
+            calls.append(inner)
+            if inner == "forward":
+                fusion(dec, ids, mask, media, media_mask)
+            else:
+                _generate_greedy(fusion, dec, ids, mask, media, media_mask, 1)
+
+    handle = dec.decoder_layers()[0].register_forward_pre_hook(nested, with_kwargs=True)
+    try:
+        with pytest.raises(RuntimeError, match="while another fusion call is running"), torch.no_grad():
+            fusion(dec, ids, mask, media, media_mask)
+    finally:
+        handle.remove()
+    assert calls == [inner] and _pre_hook_counts(dec) == hooks
+    with torch.no_grad():
+        fusion(dec, ids, mask, media, media_mask)
+
+
 def test_markers_must_match_images():
     dec = _decoder("llama")
     fusion = _fusion(dec)
@@ -431,13 +557,14 @@ def test_generation_that_drops_its_cache_fails_instead_of_going_blind(gen_setup)
         seen.append(chunk)
         return args, kwargs
 
+    before = _pre_hook_counts(dec)
     handle = model.register_forward_pre_hook(whole_sequence_again, with_kwargs=True)
     try:
         with pytest.raises(RuntimeError, match="whole sequence .* again although the call asked for a KV cache"):
             _generate_greedy(fusion, dec, ids, mask, media, media_mask, 4, use_cache=True)
     finally:
         handle.remove()
-    assert fusion._state is None  # the failed call left nothing behind: the next one works
+    assert _pre_hook_counts(dec) == before  # the failed call left nothing behind: the next one works
     assert _generate_greedy(fusion, dec, ids, mask, media, media_mask, 2).shape == (2, 2)
 
 

@@ -20,15 +20,27 @@ get a zero attention output (the feed-forward half still applies to them, as in 
 padded images (``media_mask`` False) are never attended.
 
 The blocks belong to the fusion (``fusion.blocks``; a stage's ``tune.fusion`` trains exactly them).
-They are injected with forward pre-hooks on the decoder layers, so the decoder's modules and
-state-dict names stay unchanged. The hooks read the media of the current call from state the
-fusion sets in :meth:`~GatedCrossAttentionFusion.forward` and
-:meth:`~GatedCrossAttentionFusion.generate` and clears afterwards; calling the decoder directly,
-outside the fusion, is an error. Under gradient checkpointing the decoder layers are recomputed
-but the blocks (run by the hooks, outside the checkpointed ``forward``) are not.
+They run in forward pre-hooks of the decoder layers, so the decoder's modules and state-dict names
+stay unchanged. The fusion stores no media and no per-call state: each call of
+:meth:`~GatedCrossAttentionFusion.forward` or :meth:`~GatedCrossAttentionFusion.generate` builds its
+own :class:`FusionCall` (the media, the image indices of the chunk being run, the generation step
+count, the media keys and values and attention masks computed once per call) and registers, for the
+duration of that call only, one pre-hook per selected layer bound to that object (``prepend=True``:
+the block runs before any other pre-hook of the layer, so every pre-hook sees the layer's real input);
+a ``finally`` removes every hook the call registered, also when the call fails.
+
+Calling the decoder directly, outside the fusion, is an error rather than a silent run without the
+images: :meth:`~GatedCrossAttentionFusion.attach` leaves one permanent guard pre-hook on each
+selected layer, which refuses the layer's run unless the call's block hook has just run on that very
+invocation (the block hook marks the layer's keyword arguments; the guard removes the mark before the
+layer sees it). A fusion call made while another is running (from a hook, say) is an error too: the
+inner call's block hook runs first and leaves its mark, and the outer call's block hook refuses to
+run on top of it. Under gradient checkpointing the decoder layers are recomputed but the blocks (run
+by the hooks, outside the checkpointed ``forward``) are not.
 
 Cached generation: transformers' ``generate`` runs the prompt, then one new token per step through
-the KV cache. A pre-hook on the decoder's transformers model sees each step's ``input_ids`` chunk.
+the KV cache. A pre-hook on the decoder's transformers model, registered for the call only and bound
+to its :class:`FusionCall`, sees each step's ``input_ids`` chunk.
 The fusion counts the tokens itself (:class:`GenerationSteps`): the first step is the whole prompt,
 every later step adds one token to each row, so a chunk of ``l`` tokens at step ``k`` either
 continues the ``c`` tokens already run (cached: ``c + l = L + k``) or is the whole sequence again
@@ -42,6 +54,8 @@ generation with an error instead of giving the new tokens a wrong image.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -60,6 +74,7 @@ __all__ = [
     "MaskedCrossAttention",
     "IMAGE_TOKEN",
     "GenerationSteps",
+    "FusionCall",
 ]
 
 # the names transformers' models have taken a KV cache under (refused as inputs to forward and generate)
@@ -248,15 +263,18 @@ class GenerationSteps:
 
 
 @dataclass
-class _Media:
-    """What the layer hooks need during one fusion call.
+class FusionCall:
+    """Everything one :meth:`~GatedCrossAttentionFusion.forward` or
+    :meth:`~GatedCrossAttentionFusion.generate` call needs in the decoder; built by the call and
+    handed to the hooks it registers (bound with ``functools.partial``), never stored on the fusion.
 
     ``media (B, T_img, Q, d_vis)``, ``media_mask (B, T_img)``: the batch's images (in generate,
     repeated per row for beams once the expanded batch size is seen). ``image_index (B, l)``: the
-    image index of each token of the chunk the decoder is running now. Generation only:
-    ``prompt_count (B, L)`` = ``<image>`` tokens up to each prompt position, ``n_images (B,)`` =
-    real images per row, ``kv`` = block number -> that block's media keys and values, ``steps``:
-    the call's token count.
+    image index of each token of the chunk the decoder is running now. ``masks``: the attention
+    masks of that chunk, ``(image_index, mask, sees)``, computed by the first block and shared by
+    the others. Generation only: ``prompt_count (B, L)`` = ``<image>`` tokens up to each prompt
+    position, ``n_images (B,)`` = real images per row, ``kv`` = block number -> that block's media
+    keys and values (computed once per call), ``steps``: the call's token count.
     """
 
     media: torch.Tensor
@@ -288,6 +306,22 @@ class _Media:
         self.expanded = True
 
 
+# the keyword a call's block hook adds to a layer's arguments and the layer's guard removes again
+_BLOCK_RAN = "_vlmkit_gated_cross_attention_block"
+
+
+def _guard(block_no: int, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Permanent forward pre-hook of a decoder layer that has a block (registered by ``attach``):
+    lets the layer run only right after a fusion call's block hook ran on this same invocation, and
+    takes that hook's mark out of the layer's arguments. Holds nothing and reads no fusion state."""
+    if kwargs.get(_BLOCK_RAN) != block_no:
+        raise RuntimeError(
+            "this decoder has gated cross-attention blocks (fusion 'gated_cross_attention'); run it through the "
+            "fusion's forward or generate, which supply the images"
+        )
+    return args, {k: v for k, v in kwargs.items() if k != _BLOCK_RAN}
+
+
 class GatedCrossAttentionFusion(Fusion):
     """Flamingo gated cross-attention blocks before every n-th decoder layer, tanh gates at 0."""
 
@@ -301,7 +335,10 @@ class GatedCrossAttentionFusion(Fusion):
         self.layer_indices: list[int] = []
         self.image_token_id: int | None = None
         self._media_width: int | None = None
-        self._state: _Media | None = None
+        # the decoder layers the blocks run before, as found by attach (a plain tuple, not submodules:
+        # the decoder owns them); each call hooks its blocks onto these, also once a wrapper (FSDP)
+        # has changed what the decoder's layer list holds
+        self._layers: tuple[nn.Module, ...] = ()
 
     # ------------------------------------------------------------------ wiring
     def media_width(self, decoder_width: int, encoder_width: int) -> int:
@@ -313,7 +350,8 @@ class GatedCrossAttentionFusion(Fusion):
         return 1
 
     def attach(self, decoder: LanguageDecoder, media_width: int) -> None:
-        """Add ``<image>``, create one block per selected decoder layer and hook it in before that layer."""
+        """Add ``<image>``, create one block per selected decoder layer and guard that layer against
+        runs outside the fusion (each call hooks the block in for its own duration)."""
         if self.image_token_id is not None:
             raise VlmkitError("fusion 'gated_cross_attention' is already attached to a decoder; build a new one")
         layers = decoder.decoder_layers()  # VlmkitError naming model.decoder.layers_path if not found
@@ -334,8 +372,9 @@ class GatedCrossAttentionFusion(Fusion):
                     gate_init=cfg.gate_init,
                 )
             )
-            layers[i].register_forward_pre_hook(partial(self._layer_hook, block_no), with_kwargs=True)
+            layers[i].register_forward_pre_hook(partial(_guard, block_no), with_kwargs=True)
         self.layer_indices = indices
+        self._layers = tuple(layers[i] for i in indices)
 
     def _check_attached(self) -> None:
         if self.image_token_id is None:
@@ -369,14 +408,32 @@ class GatedCrossAttentionFusion(Fusion):
             )
         return n_images
 
-    def _layer_hook(self, block_no: int, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Forward pre-hook of a decoder layer: run block ``block_no`` on its hidden states."""
-        state = self._state
-        if state is None:
-            raise RuntimeError(
-                "this decoder has gated cross-attention blocks (fusion 'gated_cross_attention'); run it through the "
-                "fusion's forward or generate, which supply the images"
-            )
+    @contextmanager
+    def _hooked(self, call: FusionCall, model: nn.Module | None = None) -> Iterator[None]:
+        """Hook the blocks into the decoder layers for one call, bound to ``call`` (and, in generate,
+        the step counter into ``model``); every hook is removed on exit, whatever happened."""
+        handles = []
+        try:
+            for block_no, layer in enumerate(self._layers):
+                handles.append(
+                    layer.register_forward_pre_hook(
+                        partial(self._run_block, call, block_no), with_kwargs=True, prepend=True
+                    )
+                )
+            if model is not None:
+                handles.append(model.register_forward_pre_hook(partial(self._generation_step, call), with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _run_block(
+        self, call: FusionCall, block_no: int, layer: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict]:
+        """Forward pre-hook of a decoder layer during one call: run block ``block_no`` on the layer's
+        hidden states with that call's media, and mark the arguments for the layer's guard."""
+        if _BLOCK_RAN in kwargs:  # a later call's hook (registered in front of this one) already ran
+            raise RuntimeError("gated_cross_attention: a fusion call was made while another fusion call is running")
         if args:
             hidden = args[0]
         elif "hidden_states" in kwargs:
@@ -386,7 +443,7 @@ class GatedCrossAttentionFusion(Fusion):
                 f"gated_cross_attention: decoder layer {type(layer).__name__} got its hidden states neither as its "
                 "first positional argument nor as 'hidden_states'"
             )
-        index = state.image_index
+        index = call.image_index
         if index is None or index.shape != hidden.shape[:2]:
             raise RuntimeError(
                 f"gated_cross_attention: the decoder layer runs {tuple(hidden.shape[:2])} tokens but the image "
@@ -394,16 +451,17 @@ class GatedCrossAttentionFusion(Fusion):
             )
         block = self.blocks[block_no]
         dtype = block.attn_gate.dtype
-        media = state.media.to(dtype)
+        media = call.media.to(dtype)
         kv = None
-        if state.kv is not None:
-            if block_no not in state.kv:
-                state.kv[block_no] = block.attn.media_kv(media)
-            kv = state.kv[block_no]
-        if state.masks is None or state.masks[0] is not index:  # once per call (per step in generate)
-            state.masks = (index, *block.attn.attention_masks(index, state.media_mask, media.shape[1], media.shape[2]))
-        masks = (state.masks[1], state.masks[2].to(dtype))
-        out = block(hidden.to(dtype), media, index, state.media_mask, kv, masks).to(hidden.dtype)
+        if call.kv is not None:
+            if block_no not in call.kv:
+                call.kv[block_no] = block.attn.media_kv(media)
+            kv = call.kv[block_no]
+        if call.masks is None or call.masks[0] is not index:  # once per call (per step in generate)
+            call.masks = (index, *block.attn.attention_masks(index, call.media_mask, media.shape[1], media.shape[2]))
+        masks = (call.masks[1], call.masks[2].to(dtype))
+        out = block(hidden.to(dtype), media, index, call.media_mask, kv, masks).to(hidden.dtype)
+        kwargs = {**kwargs, _BLOCK_RAN: block_no}
         if args:
             return (out, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": out}
@@ -427,43 +485,38 @@ class GatedCrossAttentionFusion(Fusion):
                 "gated_cross_attention: forward runs whole sequences and cannot continue a KV cache "
                 "(the images of the cached tokens are unknown); use generate for cached decoding"
             )
-        if self._state is not None:
-            raise RuntimeError("gated_cross_attention: forward called while another fusion call is running")
         is_image = input_ids == self.image_token_id  # (B, L)
         self._check_media(is_image, media, media_mask)
         embeds = decoder.get_input_embeddings()(input_ids)  # (B, L, D)
-        self._state = _Media(media=media, media_mask=media_mask, image_index=is_image.cumsum(1))
-        try:
+        call = FusionCall(media=media, media_mask=media_mask, image_index=is_image.cumsum(1))
+        with self._hooked(call):
             return decoder(inputs_embeds=embeds, attention_mask=attention_mask, **decoder_kwargs)
-        finally:
-            self._state = None
 
     # ------------------------------------------------------------------ generation
-    def _step_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook of the transformers model during :meth:`generate`: set the image indices
-        of this step's ``input_ids`` chunk ``(B', l)``.
+    def _generation_step(self, call: FusionCall, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the transformers model during one :meth:`generate` call: set the
+        call's image indices for this step's ``input_ids`` chunk ``(B', l)``.
 
-        The chunk's position in the sequence comes from the fusion's own token count
+        The chunk's position in the sequence comes from the call's own token count
         (:meth:`GenerationSteps.advance`), never from transformers' cache arguments. Its indices
         continue the prompt's ``<image>`` count at that position; they are capped at the row's
         number of real images, so a generated ``<image>`` token (which has no image behind it)
         leaves the new tokens on the row's last image. Every generated token thus attends to the
         last image of its row, in every beam and whatever the cache order."""
-        state = self._state
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise RuntimeError("gated_cross_attention: generate ran a step without input_ids")
-        state.expand_to(input_ids.shape[0])
-        start = state.steps.advance(input_ids.shape[1])
-        prompt_len = state.prompt_count.shape[1]
+        call.expand_to(input_ids.shape[0])
+        start = call.steps.advance(input_ids.shape[1])
+        prompt_len = call.prompt_count.shape[1]
         if start == 0:
-            before = torch.zeros_like(state.n_images)
+            before = torch.zeros_like(call.n_images)
         elif start <= prompt_len:
-            before = state.prompt_count[:, start - 1]  # (B',) images in the tokens before the chunk
+            before = call.prompt_count[:, start - 1]  # (B',) images in the tokens before the chunk
         else:
-            before = state.n_images  # every prompt image lies before a generated token
+            before = call.n_images  # every prompt image lies before a generated token
         index = before.unsqueeze(1) + (input_ids == self.image_token_id).cumsum(1)  # (B', l)
-        state.image_index = torch.minimum(index, state.n_images.unsqueeze(1))
+        call.image_index = torch.minimum(index, call.n_images.unsqueeze(1))
 
     def generate(
         self,
@@ -485,8 +538,6 @@ class GatedCrossAttentionFusion(Fusion):
             raise VlmkitError(
                 "gated_cross_attention: generate returns the new tokens; return_dict_in_generate is not supported"
             )
-        if self._state is not None:
-            raise RuntimeError("gated_cross_attention: generate called while another fusion call is running")
         is_image = input_ids == self.image_token_id  # (B, L)
         n_images = self._check_media(is_image, media, media_mask)
         tok = decoder.tokenizer
@@ -499,15 +550,11 @@ class GatedCrossAttentionFusion(Fusion):
             use_cache = bool(getattr(getattr(model, "generation_config", None), "use_cache", True))
         generate_kwargs["use_cache"] = bool(use_cache)
         steps = GenerationSteps(prompt_len=input_ids.shape[1], use_cache=bool(use_cache))
-        handle = model.register_forward_pre_hook(self._step_hook, with_kwargs=True)
-        self._state = _Media(
+        call = FusionCall(
             media=media, media_mask=media_mask, prompt_count=is_image.cumsum(1), n_images=n_images, kv={}, steps=steps
         )
-        try:
+        with self._hooked(call, model):
             out = decoder.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-        finally:
-            handle.remove()
-            self._state = None
         new = out.shape[1] - input_ids.shape[1]
         if steps.steps != new:
             raise RuntimeError(
