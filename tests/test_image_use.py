@@ -147,6 +147,9 @@ class ColourReader(torch.nn.Module):
     def placeholder_tokens(self, num_frames: int = 1) -> int:
         return self.inner.placeholder_tokens(num_frames)
 
+    def collator(self, **kwargs):
+        return self.inner.collator(**kwargs)
+
     def colour_of(self, vision_x: torch.Tensor) -> torch.Tensor:
         mean = vision_x[:, 0].mean(dim=(1, 3, 4))  # (B, 3): first image, every frame and pixel
         return torch.cdist(mean, self.palette).argmin(-1)

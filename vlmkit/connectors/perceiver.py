@@ -170,7 +170,7 @@ class PerceiverResampler(Connector):
             if media_positions.shape != (n,):
                 raise ValueError(f"media_positions must have shape ({n},), got {tuple(media_positions.shape)}")
             limit = self.media_time_embeddings.shape[0]
-            if n and int(media_positions.max()) >= limit:
+            if n and not media_positions.is_meta and int(media_positions.max()) >= limit:  # meta: no values to check
                 raise VlmkitError(
                     f"model.connector.max_num_media: a sample has {int(media_positions.max()) + 1} images but the "
                     f"perceiver has media-time embeddings for at most {limit}; raise max_num_media to at least "
