@@ -18,7 +18,7 @@ class BuiltinComponent(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    kind: Literal["encoder", "connector", "fusion", "decoder", "dataset", "template", "evaluator"]
+    kind: Literal["encoder", "connector", "fusion", "decoder", "dataset", "template", "evaluator", "llm_backend"]
     object: str = Field(pattern=r"^[\w.]+:[\w.]+$")
     summary: str
 
@@ -74,3 +74,8 @@ def register_templates(register):
 @hookimpl
 def register_evaluators(register):
     _register("evaluator", register)
+
+
+@hookimpl
+def register_llm_backends(register):
+    _register("llm_backend", register)

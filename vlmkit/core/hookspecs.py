@@ -57,6 +57,10 @@ class VlmkitHookSpecs:
     def register_evaluators(self, register):
         """Register evaluators (:class:`vlmkit.core.interfaces.Evaluator`)."""
 
+    @hookspec
+    def register_llm_backends(self, register):
+        """Register text LLM backends for data generation (:class:`vlmkit.llm_backends.base.LLMBackend`)."""
+
 
 #: component kind -> hook name
 HOOK_FOR_KIND = {
@@ -67,5 +71,6 @@ HOOK_FOR_KIND = {
     "dataset": "register_datasets",
     "template": "register_templates",
     "evaluator": "register_evaluators",
+    "llm_backend": "register_llm_backends",
 }
 KINDS = tuple(HOOK_FOR_KIND)
