@@ -5,8 +5,8 @@
 - ``ungrounded``: the pair names an object word (a word of any annotation label in the whole input)
   that this item's labels and captions do not contain, e.g. "triangle" for a scene without one;
 - ``duplicate``: the same instruction and answer (normalised) as an earlier pair;
-- ``near_duplicate``: an instruction of the same item at least ``near_duplicate`` similar (difflib
-  ratio of the normalised texts) to an earlier kept one."""
+- ``near_duplicate``: an instruction at least ``near_duplicate`` similar (difflib ratio of the
+  normalised texts) to an earlier instruction of the same item (kept or not)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class PairFilter:
         """A reason per pair (None: kept), judged in order; kept pairs are remembered for duplicates."""
         c = self.config
         present = {_singular(w) for text in [*ann.labels(), *ann.captions] for w in words(text)}
-        kept: list[str] = []
+        earlier: list[str] = []
         reasons: list[str | None] = []
         for instruction, answer in pairs:
             qi, aw = words(instruction), words(answer)
@@ -78,11 +78,11 @@ class PairFilter:
                 reason = "ungrounded"
             elif (norm_q, norm_a) in self.seen:
                 reason = "duplicate"
-            elif any(difflib.SequenceMatcher(None, norm_q, k).ratio() >= c.near_duplicate for k in kept):
+            elif any(difflib.SequenceMatcher(None, norm_q, k).ratio() >= c.near_duplicate for k in earlier):
                 reason = "near_duplicate"
             if reason is None:
                 self.seen.add((norm_q, norm_a))
-                kept.append(norm_q)
+            earlier.append(norm_q)
             reasons.append(reason)
         return reasons
 
