@@ -170,6 +170,8 @@ BUILTINS = [  # registry.yaml order, grouped by kind as the hooks register them
     ("evaluator", "lcl_false_ratio"),
     ("evaluator", "lcl_position"),
     ("evaluator", "fewshot"),
+    ("llm_backend", "transformers"),
+    ("llm_backend", "openai_compatible"),
 ]
 
 

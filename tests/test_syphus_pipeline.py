@@ -260,7 +260,9 @@ def test_demo_annotations_and_a_smoke_recipe_trains_on_generated_image_and_video
                      openai_backend(stub.url, concurrency=4), config=NO_SIMILARITY, progress=False)
     g = tmp_path / "gen"
     dc = json.loads((g / "DC_instructions.json").read_text())["data"]
-    assert len(dc) == 8 and next(iter(dc.values()))["image_ids"][-1].endswith("_0003")
+    report = json.loads((g / "DC_report.json").read_text())
+    assert report["pairs"] == len(dc) and len(dc) + report["rejects"].get("duplicate", 0) == 8   # one pair per clip
+    assert next(iter(dc.values()))["image_ids"][-1].endswith("_0003")
     overrides = [f"data.images.instructions={g / 'LA_instructions.json'}", f"data.images.images={g / 'LA.parquet'}",
                  f"data.images.train_config={g / 'LA_train.json'}",
                  f"data.in_context.instructions={g / 'LA_instructions.json'}", f"data.in_context.images={g / 'LA.parquet'}",
