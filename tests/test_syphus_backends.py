@@ -4,7 +4,6 @@ tiny random model, and their registration as a plug-in kind."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -89,10 +88,6 @@ def test_a_400_is_not_retried_and_a_timeout_is():
 
 def test_the_key_comes_from_the_named_environment_variable(monkeypatch):
     seen = []
-
-    class Spy(StubServer):
-        pass
-
     with StubServer(echo) as stub:
         original = stub.server.RequestHandlerClass.do_POST
 
