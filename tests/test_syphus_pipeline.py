@@ -24,6 +24,8 @@ from vlmkit.syphus.pipeline import GenerateConfig, generate
 from vlmkit.syphus.task import load_task, shipped_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the checkout first, then whatever path the tests themselves were given
+PYTHONPATH = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
 NO_SIMILARITY = GenerateConfig.model_validate({"linking": {"similarity": "none", "similar": 0}})
 COLOURS = {"a": ("red", "circle"), "b": ("blue", "square"), "c": ("green", "triangle"), "d": ("red", "square"),
            "e": ("yellow", "circle"), "f": ("purple", "star")}
@@ -156,7 +158,7 @@ def test_a_killed_run_resumes_from_the_cache_without_asking_any_prompt_twice(tmp
     ann = make_annotations(tmp_path)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"linking": {"similarity": "none", "similar": 0}}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"}
 
     def command(url):
         return _cli("data", "generate", "llava_conversation", "--annotations", ann, "--out", tmp_path / "out",
@@ -198,6 +200,9 @@ def test_bad_input_is_named(tmp_path):
     task_file.write_text(yaml.safe_dump({**raw, "examples": [{"annotation": {"captions": ["x"]}, "answer": "no markers"}]}))
     with pytest.raises(VlmkitError, match=r"examples.0.answer does not parse"):
         load_task(task_file)
+    task_file.write_text(yaml.safe_dump({**raw, "output": {**raw["output"], "questoin_marker": "Q:"}}))
+    with pytest.raises(VlmkitError, match=r"output.questoin_marker: unknown field; did you mean 'question_marker'"):
+        load_task(task_file)
     with pytest.raises(VlmkitError, match="neither a shipped task; did you mean 'llava_detail'"):
         load_task("llava_detial")
     task = load_task("llava_conversation")
@@ -212,8 +217,42 @@ def test_bad_input_is_named(tmp_path):
         GenerateConfig.model_validate({"linking": {"similarity": "none"}})
     # the CLI turns them into one line and exit 2
     done = subprocess.run(_cli("data", "generate", task_file, "--annotations", ann, "--out", tmp_path / "o3", "--dry-run"),
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": PYTHONPATH})
     assert done.returncode == 2 and done.stderr.startswith("error: task file") and "Traceback" not in done.stderr
+    # a dry run still checks the backend's name and options (and loads nothing)
+    done = subprocess.run(_cli("data", "generate", "llava_conversation", "--annotations", ann, "--out", tmp_path / "o4",
+                               "--dry-run", "--backend-option", "batch_sise=4"),
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": PYTHONPATH})
+    assert done.returncode == 2 and "backend transformers: batch_sise" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_undecodable_lines_bad_numbers_and_unreadable_media_are_counted_rejects_naming_the_item(tmp_path):
+    ann = make_annotations(tmp_path, [json.dumps({"id": "nan_box", "media": ["img/a.png"], "captions": ["x"],
+                                                  "boxes": [["red circle", float("nan"), 0, 1, 1]]})])
+    with ann.open("ab") as f:
+        f.write(b'{"id": "latin1", "media": ["img/a.png"], "captions": ["caf\xe9"]}\n')
+    (tmp_path / "img" / "g.png").write_bytes(b"not a png")
+    with ann.open("a") as f:
+        f.write(json.dumps({"id": "item_g", "media": ["img/g.png"], "captions": ["an orange circle"],
+                            "boxes": [["orange circle", 1, 1, 9, 9]]}) + "\n")
+    task = load_task("llava_conversation")
+    dry = generate(task, ann, tmp_path / "dry", None, dry_run=True)
+    rejects = [json.loads(x) for x in (tmp_path / "dry" / "CONV_rejects.jsonl").read_text().splitlines()]
+    assert dry.rejects == {"bad_annotation": 2} and dry.items == 7
+    assert [(r["item"], r["where"].rsplit(":", 1)[1]) for r in rejects] == [("nan_box", "7"), (None, "8")]
+    assert "not UTF-8" in rejects[1]["problem"] and "boxes" in rejects[0]["problem"]
+    with StubServer(scripted) as stub:
+        result = generate(task, ann, tmp_path / "out", openai_backend(stub.url), config=NO_SIMILARITY, progress=False)
+    rejects = [json.loads(x) for x in (tmp_path / "out" / "CONV_rejects.jsonl").read_text().splitlines()]
+    bad_media = [r for r in rejects if r["reason"] == "bad_media"]
+    assert bad_media and {r["item"] for r in bad_media} == {"item_g"} and "not a readable image" in bad_media[0]["problem"]
+    data = json.loads((tmp_path / "out" / "CONV_instructions.json").read_text())["data"]
+    assert all("item_g" not in "".join(r["image_ids"]) for r in data.values()) and result.rejects["bad_media"] == len(bad_media)
+    # a repeated id is an error naming both lines
+    with ann.open("a") as f:
+        f.write(json.dumps({"id": "item_a", "media": ["img/a.png"], "captions": ["again"]}) + "\n")
+    with pytest.raises(VlmkitError, match=r"annotations.jsonl:10: id 'item_a' repeats line 1"):
+        generate(task, ann, tmp_path / "dry2", None, dry_run=True)
 
 
 def test_dry_run_renders_prompts_and_calls_nothing(tmp_path):
@@ -273,3 +312,31 @@ def test_demo_annotations_and_a_smoke_recipe_trains_on_generated_image_and_video
     result = run(resolved, tmp_path / "run", progress=False)
     instruct = result.stages[-1]
     assert instruct.steps == 3 and all(l == l for l in instruct.losses)   # finite, trained on the generated files
+
+
+def test_the_readme_section_names_only_real_flags_and_valid_configs():
+    import argparse
+
+    from vlmkit.core.cli import _parser
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Data generation: Syphus"):text.index("## Benchmarks")]
+
+    def subparsers(parser):
+        return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    data = subparsers(subparsers(_parser())["data"])
+    known = {flag for name in ("generate", "annotate-demo", "tasks") for a in data[name]._actions
+             for flag in a.option_strings}
+    assert set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", section)) <= known
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    config = next(b for b in blocks if b.startswith("# config.yaml"))
+    GenerateConfig.model_validate(yaml.safe_load(config))
+    openai = next(b for b in blocks if b.startswith("# openai.yaml"))
+    OpenAICompatibleConfig.model_validate(yaml.safe_load(openai))
+    options = set(re.findall(r"`(\w+)` \(\d", section))   # "`batch_size` (8)": an option with its default
+    fields = (set(OpenAICompatibleConfig.model_fields) | set(load_task.__globals__["Task"].model_fields)
+              | set(GenerateConfig.model_fields["filters"].annotation.model_fields)
+              | set(GenerateConfig.model_fields["linking"].annotation.model_fields))
+    from vlmkit.llm_backends.transformers import TransformersBackendConfig
+    assert len(options) > 8 and options <= fields | set(TransformersBackendConfig.model_fields), options - fields

@@ -19,7 +19,7 @@ __all__ = ["Annotation", "BadAnnotation", "read_annotations", "pydantic_problems
 
 
 class Annotation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     """Unique in the file; letters, digits, '_', '-', '.' (it becomes part of image ids)."""
@@ -68,11 +68,16 @@ def read_annotations(path: Path, check_media: bool = True) -> tuple[list[tuple[A
     good: list[tuple[Annotation, list[Path]]] = []
     bad: list[BadAnnotation] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with path.open("rb") as f:   # decoded line by line: one line that is not UTF-8 is a reject, not a crash
+        for number, data in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = data.decode("utf-8-sig" if number == 1 else "utf-8")   # a leading BOM is fine
+            except UnicodeDecodeError as exc:
+                bad.append(BadAnnotation(where, None, "bad_annotation", f"not UTF-8 text: byte {exc.start + 1}"))
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 raw = json.loads(line)
             except json.JSONDecodeError as exc:

@@ -10,7 +10,7 @@ import yaml
 
 from vlmkit.core.errors import VlmkitError
 
-__all__ = ["add_data_commands", "DATA_COMMANDS", "build_backend"]
+__all__ = ["add_data_commands", "DATA_COMMANDS", "build_backend", "backend_config"]
 
 
 def add_data_commands(data_sub: Any, common: argparse.ArgumentParser) -> None:
@@ -29,7 +29,9 @@ def add_data_commands(data_sub: Any, common: argparse.ArgumentParser) -> None:
                    help="comma-separated translations to add: zh,ja,es,de,fr,ko,ar or 'all' (default: none)")
     p.add_argument("--cache", type=Path, help="LLM call cache folder (default: <out>/cache)")
     p.add_argument("--limit", type=int, help="only the first N annotation items")
-    p.add_argument("--dry-run", action="store_true", help="write the rendered prompts; call nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="write the rendered prompts and the rejected annotation lines; check the backend's name "
+                        "and options, but load and call nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p = data_sub.add_parser("annotate-demo", parents=[common],
                             help="annotations (JSONL and images) of the demo scenes and clips, input for generate")
@@ -50,7 +52,8 @@ def _yaml_mapping(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def build_backend(name: str, options: dict[str, Any], registry: Any = None) -> Any:
+def backend_config(name: str, options: dict[str, Any], registry: Any = None) -> tuple[type, Any]:
+    """The backend class and its validated config, without building it (no model loaded, no key read)."""
     from pydantic import ValidationError
 
     from vlmkit.core.registry import get_registry
@@ -59,9 +62,13 @@ def build_backend(name: str, options: dict[str, Any], registry: Any = None) -> A
     registry = registry or get_registry()
     cls = registry.component_class("llm_backend", name)
     try:
-        config = cls.Config.model_validate(options)
+        return cls, cls.Config.model_validate(options)
     except ValidationError as exc:
         raise VlmkitError(f"backend {name}: {pydantic_problems(exc)}") from None
+
+
+def build_backend(name: str, options: dict[str, Any], registry: Any = None) -> Any:
+    cls, config = backend_config(name, options, registry)
     return cls(config)
 
 
@@ -87,6 +94,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     languages = list(LANGUAGES) if args.languages == "all" else [x.strip() for x in args.languages.split(",") if x.strip()]
     if args.limit is not None and args.limit < 1:
         raise VlmkitError(f"--limit: must be at least 1, got {args.limit}")
+    if args.dry_run:   # the backend's name and options are still checked: a dry run vets the real command
+        backend_config(args.backend, options)
     backend = None if args.dry_run else build_backend(args.backend, options)
     try:
         result = generate(task, args.annotations, args.out, backend, config=config, languages=languages,

@@ -139,7 +139,8 @@ def generate(task: Task, annotations: Path, out: Path, backend: LLMBackend | Non
     if dry_run:
         lines = [json.dumps({"item": ann.id, "messages": p}, ensure_ascii=False) for (ann, _), p in zip(items, prompts)]
         atomic_write_text(out / f"{prefix}_prompts.jsonl", "\n".join(lines) + ("\n" if lines else ""))
-        result.files = [f"{prefix}_prompts.jsonl"]
+        atomic_write_text(out / f"{prefix}_rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+        result.files = [f"{prefix}_prompts.jsonl", f"{prefix}_rejects.jsonl"]
         result.rejects = _count(rejects)
         result.seconds = time.monotonic() - start
         return result

@@ -119,6 +119,11 @@ def shipped_tasks() -> dict[str, Path]:
             if p.name.endswith(".yaml")}
 
 
+#: the fields allowed at each level of a task file (list indexes left out), for "unknown field" errors
+_FIELDS_AT: dict[tuple[str, ...], Any] = {(): Task.model_fields, ("output",): OutputFormat.model_fields,
+                                          ("examples",): Example.model_fields}
+
+
 def load_task(ref: str | Path) -> Task:
     """A shipped task by name, or a YAML file."""
     shipped = shipped_tasks()
@@ -142,7 +147,7 @@ def load_task(ref: str | Path) -> Task:
             loc = ".".join(str(p) for p in e["loc"]) or "(top)"
             if e["type"] == "extra_forbidden":
                 field = str(e["loc"][-1])
-                allowed = Task.model_fields if len(e["loc"]) == 1 else {}
+                allowed = _FIELDS_AT.get(tuple(p for p in e["loc"][:-1] if not isinstance(p, int)), {})
                 problems.append(f"{loc}: unknown field{suggest(field, allowed)}"
                                 + (f" allowed: {', '.join(allowed)}" if allowed else ""))
             else:
