@@ -26,7 +26,7 @@ class BuiltinComponent(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    kind: Literal["encoder", "connector", "fusion", "decoder", "dataset", "template", "evaluator"]
+    kind: Literal["encoder", "connector", "fusion", "decoder", "dataset", "template", "evaluator", "llm_backend"]
     object: str = Field(pattern=r"^[\w.]+:[\w.]+$")
     summary: str
 

@@ -95,6 +95,10 @@ class VlmkitHookSpecs:
         of its ``Config``). It returns a list of problems, each ``"<field path>: <what is wrong and
         what is allowed>"`` (empty: fine); they are reported with the recipe's other problems."""
 
+    @hookspec
+    def register_llm_backends(self, register):
+        """Register text LLM backends for data generation (:class:`vlmkit.llm_backends.base.LLMBackend`)."""
+
 
 #: component kind -> hook name
 HOOK_FOR_KIND = {
@@ -105,6 +109,7 @@ HOOK_FOR_KIND = {
     "dataset": "register_datasets",
     "template": "register_templates",
     "evaluator": "register_evaluators",
+    "llm_backend": "register_llm_backends",
 }
 KINDS = tuple(HOOK_FOR_KIND)
 #: the recipe extension hooks: what they register -> hook name

@@ -525,6 +525,8 @@ class Evaluator(ABC):
         """Evaluate ``model`` (a :class:`vlmkit.core.compose.VisionLanguageModel` in eval mode)."""
 
 
+from vlmkit.llm_backends.base import LLMBackend  # noqa: E402 - data generation's kind, defined with its backends
+
 #: kind -> interface class
 INTERFACES: dict[str, type] = {
     "encoder": VisionEncoder,
@@ -534,4 +536,5 @@ INTERFACES: dict[str, type] = {
     "dataset": Dataset,
     "template": Template,
     "evaluator": Evaluator,
+    "llm_backend": LLMBackend,
 }
