@@ -98,6 +98,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     trust_arg(p)
+    p = sub.add_parser("serve", parents=[common],
+                       help="a web chat and an OpenAI-compatible API (/v1/chat/completions) for a trained model")
+    p.add_argument("model", help="a run folder (its export/ is used) or an export folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--template", help="which of the recipe's chat templates (default: the last stage's)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--max-queue", type=int, default=8,
+                   help="requests that may wait while one is answered; more get a busy answer (default 8)")
+    p.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
+    p.add_argument("--max-image-mb", type=float, default=10.0, help="size of one encoded image in MiB (default 10)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="the most new tokens a request may ask for")
+    p.add_argument("--allow-no-image", action="store_true", help="accept questions without any image")
+    trust_arg(p)
     p = sub.add_parser("data", parents=[common], help="data sets: generate the demo data")
     data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     p = data_sub.add_parser("demo", parents=[common],
@@ -324,6 +338,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print(chat.ask(question))
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vlmkit.serve.cli import serve
+
+    return serve(args, _registry())
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from vlmkit.core.data import demo
 
@@ -362,6 +382,7 @@ COMMANDS = {
     "run": cmd_run,
     "eval": cmd_eval,
     "chat": cmd_chat,
+    "serve": cmd_serve,
     "data": cmd_data,
 }
 
