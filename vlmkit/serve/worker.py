@@ -79,9 +79,10 @@ class _TokenQueue(BaseStreamer):
 
 
 def _held_back(text: str, specials: list[str]) -> str:
-    """``text`` without an end that may still grow into a special token or is an incomplete
-    character, so that what is shown is always a prefix of the final answer."""
-    text = text.rstrip("\ufffd")
+    """``text`` without an end that may still grow into a special token or into a character (the
+    decoder writes one U+FFFD for an incomplete UTF-8 sequence at the end), so that what is shown is
+    always a prefix of the final answer."""
+    text = text.removesuffix("\ufffd")
     for token in specials:
         for n in range(min(len(token) - 1, len(text)), 0, -1):
             if text.endswith(token[:n]):
