@@ -62,20 +62,23 @@ class _StopWhenSet(StoppingCriteria):
 
 class _TokenQueue(BaseStreamer):
     """Receives the new token ids from ``generate`` (its first call is the prompt: skipped) and
-    hands them to the reading thread through a queue; ``None`` marks the end."""
+    hands them to the reading thread through ``events``."""
 
-    def __init__(self) -> None:
-        self.queue: queue.Queue[list[int] | None] = queue.Queue()
+    def __init__(self, events: queue.Queue) -> None:
+        self.events = events
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:
             self._prompt_seen = True
             return
-        self.queue.put(value.reshape(-1).tolist())
+        self.events.put(value.reshape(-1).tolist())
 
-    def end(self) -> None:
-        self.queue.put(None)
+    def end(self) -> None:  # the generating thread says when it is done (after the answer is set)
+        pass
+
+
+_DONE = object()
 
 
 def _held_back(text: str, specials: list[str]) -> str:
@@ -142,78 +145,83 @@ class ModelWorker:
 
     def stream(self, ticket: Ticket, chat: Chat, question: str, settings: Settings,
                stop: threading.Event | None = None, info: dict[str, Any] | None = None) -> Iterator[str]:
-        """Wait for the model, then yield the answer to ``question`` in pieces (each piece as soon as
-        its tokens are generated; beam search: the whole answer at the end). Setting ``stop`` ends
-        the generation early. The ticket is released when this ends (or is closed). ``info`` gets
-        ``prompt_tokens`` (of the prompt's text), ``completion_tokens`` and ``finish_reason``
-        (``length`` when the answer ran into ``max_new_tokens``, else ``stop``)."""
+        """Start answering ``question`` (the generating thread waits for the model); the iterator
+        returned yields the answer to ``question`` in pieces (each as soon as its tokens are generated; beam
+        search: the whole answer at the end). Setting ``stop`` (or closing this generator) ends the
+        generation early. ``info`` gets ``prompt_tokens`` (of the prompt's text),
+        ``completion_tokens`` and ``finish_reason`` (``length`` when the answer ran into
+        ``max_new_tokens``, else ``stop``).
+
+        The model is taken, and the ticket given back, by the generating thread, not by this
+        generator: a reader that goes away without closing it cannot keep the model or its place in
+        the queue longer than one generation of at most ``max_new_tokens``."""
         stop = stop or threading.Event()
         info = {} if info is None else info
+        tokenizer = self.model.decoder.tokenizer
         try:
             prompt = chat.prompt(question)  # render errors (an empty question ...) before waiting
-            tokenizer = self.model.decoder.tokenizer
-            info["prompt_tokens"] = len(tokenizer("".join(text for text, _ in prompt.segments))["input_ids"])
-            with self._model_lock:
-                if stop.is_set():
-                    return
-                yield from self._generate(chat, question, settings, stop, info)
-        finally:
+        except BaseException:
             self.release(ticket)
-
-    def _generate(self, chat: Chat, question: str, settings: Settings, stop: threading.Event,
-                  info: dict[str, Any]) -> Iterator[str]:
+            raise
+        info["prompt_tokens"] = len(tokenizer("".join(text for text, _ in prompt.segments))["input_ids"])
+        events: queue.Queue = queue.Queue()
         options = settings.options()
         options["stopping_criteria"] = StoppingCriteriaList([_StopWhenSet(stop)])
-        streamer = _TokenQueue() if settings.num_beams == 1 else None  # transformers streams no beam search
-        if streamer is not None:
-            options["streamer"] = streamer
+        streaming = settings.num_beams == 1  # transformers streams no beam search
+        if streaming:
+            options["streamer"] = _TokenQueue(events)
         result: dict[str, Any] = {}
 
         def run() -> None:
             try:
-                if settings.seed is not None:
-                    torch.manual_seed(settings.seed)
-                result["answer"] = chat.ask(question, options=options)
-            except BaseException as exc:  # handed to the reading thread
+                with self._model_lock:
+                    if stop.is_set():
+                        result["answer"] = ""
+                        return
+                    if settings.seed is not None:
+                        torch.manual_seed(settings.seed)
+                    result["answer"] = chat.ask(question, options=options)
+            except BaseException as exc:  # handed to the reader
                 result["error"] = exc
             finally:
-                if streamer is not None and "answer" not in result:
-                    streamer.end()
+                self.release(ticket)
+                events.put(_DONE)
 
-        thread = threading.Thread(target=run, name="vlmkit-generate", daemon=True)
-        thread.start()
-        shown = ""
+        threading.Thread(target=run, name="vlmkit-generate", daemon=True).start()
+        return self._pieces(events, result, streaming, settings, stop, info)
+
+    def _pieces(self, events: queue.Queue, result: dict[str, Any], streaming: bool, settings: Settings,
+                stop: threading.Event, info: dict[str, Any]) -> Iterator[str]:
         tokenizer = self.model.decoder.tokenizer
+        shown = ""
         ids: list[int] = []
         try:
-            if streamer is not None:
-                while True:
-                    new = streamer.queue.get()
-                    if new is None:
-                        break
-                    ids += new
-                    text = _held_back(clean_answer(tokenizer.decode(ids, skip_special_tokens=False), tokenizer),
-                                      self._specials).rstrip()
-                    if text.startswith(shown) and len(text) > len(shown):
-                        yield text[len(shown):]
-                        shown = text
-            thread.join()
-        except GeneratorExit:  # the reader went away: stop the model, free it for the next request
+            while True:
+                new = events.get()
+                if new is _DONE:
+                    break
+                ids += new
+                text = _held_back(clean_answer(tokenizer.decode(ids, skip_special_tokens=False), tokenizer),
+                                  self._specials).rstrip()
+                if text.startswith(shown) and len(text) > len(shown):
+                    yield text[len(shown):]
+                    shown = text
+        except GeneratorExit:  # the reader closed this: stop the model
             stop.set()
-            thread.join()
             raise
         if "error" in result:
             raise result["error"]
         answer = result["answer"]
-        if streamer is None:
+        if not streaming:
             ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         info["completion_tokens"] = len(ids)
-        info["finish_reason"] = "length" if streamer is not None and len(ids) >= settings.max_new_tokens and not any(
-            i in set(stop_token_ids(tokenizer, self.template)) for i in ids[-1:]) else "stop"
-        if answer.startswith(shown) and len(answer) > len(shown):
-            yield answer[len(shown):]
-        elif not answer.startswith(shown):
+        stops = set(stop_token_ids(tokenizer, self.template))
+        info["finish_reason"] = ("length" if streaming and len(ids) >= settings.max_new_tokens
+                                 and not (ids and ids[-1] in stops) else "stop")
+        if not answer.startswith(shown):
             raise RuntimeError(f"streamed text {shown!r} is not a prefix of the answer {answer!r}")
+        if len(answer) > len(shown):
+            yield answer[len(shown):]
 
     def answer(self, ticket: Ticket, chat: Chat, question: str, settings: Settings) -> str:
         """The whole answer (non-streaming)."""
