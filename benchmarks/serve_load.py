@@ -18,7 +18,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's vlmkit and the tests' helpers
 from serve_support import RunningServer, data_url, png_bytes, smoke_export  # noqa: E402
 
 
