@@ -73,7 +73,8 @@ def test_answers_equal_load_generate(served):
                 {"role": "user", "content": "And the background?"}]
     reply = client.chat.completions.create(model=worker.name, messages=messages, max_tokens=10)
     assert reply.choices[0].message.content == expected_icl
-    assert expected_icl != _reference_answer(reference, worker, decode_image(red, "red"), "And the background?", 10)
+    # (the untrained model's answers are all U+FFFD, so they cannot show that the example changed the
+    # prompt; test_serve_units checks how messages map onto examples and turns)
 
 
 def _post(server, body: dict) -> httpx.Response:
