@@ -15,7 +15,8 @@ from PIL import Image
 
 def smoke_export(folder: Path) -> Path:
     """A run folder holding ``export/`` of the otter_mimicit smoke model as built (seeded, not
-    trained: its greedy answers are long enough to stream; the trained smoke model stops at once)."""
+    trained: its greedy answers are long enough to stream; the trained smoke model stops at once),
+    with its output layer made to write legible text (:func:`legible_output`)."""
     from vlmkit.core.compose import build_model
     from vlmkit.core.export import export_model
     from vlmkit.core.recipe.loader import load_recipe
@@ -23,8 +24,35 @@ def smoke_export(folder: Path) -> Path:
 
     registry = get_registry()
     resolved = load_recipe("otter_mimicit", "smoke", [], registry=registry)
-    export_model(build_model(resolved, registry), resolved, folder / "export")
+    model = build_model(resolved, registry)
+    legible_output(model)
+    export_model(model, resolved, folder / "export")
     return folder
+
+
+def legible_output(model) -> None:
+    """Zero the output-layer rows of every token but ASCII letters, space and the special tokens.
+
+    The smoke decoder's tokenizer is byte-level: the random model's greedy choices are mostly bytes
+    of 128 and above, which decode (alone, as they come) to U+FFFD, so every answer reads
+    "\ufffd\ufffd..." whatever the prompt, and comparing answers as text proves little (the same
+    length gives the same text). With these rows at zero their logits are 0 while the largest of
+    the 52 letters' and the space's is almost surely above 0: the answers are letters (no markdown
+    for the web chat to render differently), and a different prompt shows as a different answer.
+    Only the output layer changes (the smoke decoder does not tie it to the input embeddings), and
+    the exported model is what both the server and the reference load."""
+    import string
+
+    import torch
+
+    tokenizer = model.decoder.tokenizer
+    lm = next(m for m in model.decoder.modules() if hasattr(m, "get_output_embeddings"))
+    head = lm.get_output_embeddings()
+    assert head.weight.data_ptr() != lm.get_input_embeddings().weight.data_ptr(), "tied embeddings: untie first"
+    keep = {i for c in string.ascii_letters + " " for i in tokenizer(c, add_special_tokens=False)["input_ids"]}
+    keep |= set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_encoder", {}).values())
+    with torch.no_grad():
+        head.weight[[i for i in range(head.weight.shape[0]) if i not in keep]] = 0
 
 
 def png_bytes(colour=(200, 30, 30), size=(40, 40)) -> bytes:

@@ -54,7 +54,11 @@ def test_web_chat_streams_an_answer_with_an_in_context_example(browser, tmp_path
     example.write_bytes(png_bytes((20, 40, 220), (64, 64)))
     worker, export = load_worker(run, limits=Limits())
     expected = Chat(worker.model, worker.template, decode_image(query.read_bytes(), "q"),
-                    [(decode_image(example.read_bytes(), "e"), "What colour is it?", "blue")], 24).ask("What colour is this?")
+                    [(decode_image(example.read_bytes(), "e"), "What colour is it?", "blue")],
+                    min(32, worker.limits.max_new_tokens)).ask("What colour is this?")  # the app's default length
+    alone = Chat(worker.model, worker.template, decode_image(query.read_bytes(), "q"), [],
+                 min(32, worker.limits.max_new_tokens)).ask("What colour is this?")
+    assert expected != alone, "the in-context example changes the answer (else the page could have left it out)"
     with RunningServer(build_server(worker, export)) as server:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(300_000)  # a loaded CI machine: the first page load alone can take a minute
@@ -68,7 +72,9 @@ def test_web_chat_streams_an_answer_with_an_in_context_example(browser, tmp_path
         page.locator("#ex_answer textarea").fill("blue")
         page.locator("#add_example").click()
         page.locator("#examples_list").get_by_text("What colour is it?").wait_for(timeout=300_000)
-        page.locator("#images").get_by_text("query.png").wait_for(timeout=300_000)
+        # the file list shows the name split in spans (stem, extension); the download link appears once
+        # the upload reached the server
+        page.locator("#images a[download='query.png']").wait_for(timeout=300_000)
         page.evaluate(_WATCH)
         page.locator("#question textarea").fill("What colour is this?")
         page.locator("#send").click()
