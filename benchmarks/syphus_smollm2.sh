@@ -54,7 +54,7 @@ fi
 "$PY" - "$WORK/gen" "$LANG2" <<'EOF'
 import json, sys
 from pathlib import Path
-from vlmkit.core.data.mimicit import MimicIT, MimicITConfig
+from vlmkit.datasets.mimicit import MimicIT, MimicITConfig
 
 gen, lang = Path(sys.argv[1]), sys.argv[2]
 print("\n| task | items | parsed answers | parse rate | pairs (en) | pairs (%s) | rejects | LLM calls (cached) | s |" % lang)

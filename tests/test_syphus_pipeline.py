@@ -71,7 +71,7 @@ def openai_backend(url, **kw):
 
 
 def test_generated_pairs_filters_and_rejects_are_exact_and_the_mimicit_dataset_reads_them(tmp_path):
-    from vlmkit.core.data.mimicit import MimicIT, MimicITConfig
+    from vlmkit.datasets.mimicit import MimicIT, MimicITConfig
 
     bad_lines = ['{"id": "broken", "media": ["img/a.png"]', json.dumps({"id": "nomedia", "media": ["img/zz.png"],
                  "captions": ["x"]}), json.dumps({"id": "typo", "media": ["img/a.png"], "captoins": ["x"]})]
@@ -274,7 +274,7 @@ def test_every_shipped_task_loads_and_its_examples_parse():
 
 
 def test_demo_annotations_and_a_smoke_recipe_trains_on_generated_image_and_video_data(tmp_path):
-    from vlmkit.core.data import demo
+    from vlmkit.demo import data as demo
     from vlmkit.core.engine import run
     from vlmkit.core.recipe.loader import load_recipe
     from vlmkit.syphus.demo_annotations import write_demo_annotations
@@ -320,7 +320,8 @@ def test_the_readme_section_names_only_real_flags_and_valid_configs():
     from vlmkit.core.cli import _parser
 
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("## Data generation: Syphus"):text.index("## Benchmarks")]
+    start = text.index("## Data generation: Syphus")
+    section = text[start:text.index("\n## ", start + 1)]
 
     def subparsers(parser):
         return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices

@@ -120,7 +120,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_annotate_demo(args: argparse.Namespace) -> int:
-    from vlmkit.core.data import demo
+    from vlmkit.demo import data as demo
     from vlmkit.syphus.demo_annotations import write_demo_annotations
 
     source = args.demo if args.demo is not None else demo.demo_data_dir(args.seed)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vlmkit.core.data import demo  # the one place this module reaches the demo generator
+from vlmkit.demo import data as demo  # the one place this module reaches the demo generator
 from vlmkit.core.errors import VlmkitError
 from vlmkit.syphus.writer import atomic_write_bytes, atomic_write_text
 
