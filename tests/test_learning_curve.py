@@ -47,3 +47,14 @@ def test_a_fresh_start_drops_an_earlier_runs_step_evaluations(tmp_path):
     assert learning_curve_points(tmp_path, final_step=12) == {"instructions": {"all": {2: 0.2, 5: 0.5}}}
     drop_step_evaluations_after(tmp_path, 0)  # a fresh start
     assert learning_curve_points(tmp_path, final_step=12) == {}
+
+
+def test_a_panel_with_many_rows_draws_the_overall_ones():
+    from vlmkit.core.evaluation.curve import MAX_PLOTTED_ROWS, plotted_rows
+
+    few = {f"type{i}": {0: 0.0} for i in range(MAX_PLOTTED_ROWS)}
+    assert plotted_rows(few) == list(few)
+    many = {"all: loss gap": {0: 0.0}, "all: acc gap": {0: 0.0}, **{f"t{i}: loss gap": {0: 0.0} for i in range(12)}}
+    assert plotted_rows(many) == ["all: loss gap", "all: acc gap"]
+    unnamed = {f"t{i}": {0: 0.0} for i in range(12)}
+    assert plotted_rows(unnamed) == list(unnamed)  # nothing overall to fall back to: every row

@@ -98,6 +98,18 @@ def write_learning_curve(output_dir: Path, final_step: int) -> Path | None:
     return target
 
 
+#: an evaluator with more rows than this is drawn with its overall rows only ("all", "all: ...")
+MAX_PLOTTED_ROWS = 10
+
+
+def plotted_rows(rows: dict[str, Any]) -> list[str]:
+    """The rows of one evaluator that its panel draws: every row, or, beyond
+    :data:`MAX_PLOTTED_ROWS` rows, those named ``all`` or ``all: ...`` where there are any (the
+    per-type rows stay in the JSON)."""
+    overall = [row for row in rows if row == "all" or row.startswith("all:")]
+    return list(rows) if len(rows) <= MAX_PLOTTED_ROWS or not overall else overall
+
+
 def _figure(points: dict[str, dict[str, dict[int, float]]], title: str) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -106,11 +118,16 @@ def _figure(points: dict[str, dict[str, dict[int, float]]], title: str) -> Any:
     FigureCanvasAgg(figure)
     for index, (name, rows) in enumerate(points.items()):
         axes = figure.add_subplot(len(points), 1, index + 1)
-        for row, values in rows.items():
+        shown = plotted_rows(rows)
+        for row in shown:
+            values = rows[row]
             steps = sorted(values)
             axes.plot(steps, [values[s] for s in steps], marker="o", linewidth=2 if row == "all" else 1, label=row)
+        magnitudes = [abs(v) for row in shown for v in rows[row].values()]
+        if magnitudes and max(magnitudes) > 2 and min(magnitudes) < 0.5:
+            axes.set_yscale("symlog", linthresh=0.1)  # an untrained loss of ~11 beside gaps of ~0.01
         axes.set_xlabel("global step")
-        axes.set_ylabel(name)
+        axes.set_ylabel(name if len(shown) == len(rows) else f"{name} (overall rows)")
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize="small", ncol=2)
     figure.suptitle(f"{title}: held-out evaluation during training")
