@@ -181,3 +181,23 @@ def test_closed_stream_frees_the_model(served):
         time.sleep(0.1)
     assert worker.admitted == 0
     _still_serving(server, client, worker)
+
+
+def test_the_recipes_serve_command_loads_the_export_and_hands_the_app_to_uvicorn(monkeypatch, tmp_path, capsys):
+    """`recipes serve` end to end through the CLI (argument parsing, the registry, loading), with
+    uvicorn.run captured instead of binding a port; a missing folder is a clear error."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from vlmkit.core.cli import main
+
+    run = smoke_export(tmp_path / "run")
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: served.update(app=app, host=host, port=port))
+    assert main(["serve", str(run), "--port", "8123"]) == 0
+    assert (served["host"], served["port"]) == ("127.0.0.1", 8123)  # this machine only unless told otherwise
+    models = TestClient(served["app"]).get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["otter_mimicit"]
+    assert "http://127.0.0.1:8123/v1/chat/completions" in capsys.readouterr().out
+    assert main(["serve", str(tmp_path / "missing")]) != 0
+    assert "missing" in capsys.readouterr().err

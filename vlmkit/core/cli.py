@@ -344,7 +344,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from vlmkit.serve.cli import serve
 
-    return serve(args, _registry())
+    return serve(args, _registry(args))
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -352,6 +352,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from vlmkit.syphus.cli import DATA_COMMANDS
 
     if args.data_command in DATA_COMMANDS:
+        _registry(args)  # a strict registry, if asked for, serves the backends' lookups too
         return DATA_COMMANDS[args.data_command](args)
     if args.data_command == "concepts":
         from vlmkit.lcl import synthetic_concepts as concepts
