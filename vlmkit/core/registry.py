@@ -80,15 +80,7 @@ class ComponentEntry:
     def load(self) -> type:
         """The component class, imported if registered by reference, checked against its interface."""
         if self._cls is None:
-            target = self.target
-            if isinstance(target, str):
-                try:
-                    target = import_object(target)
-                except Exception as exc:  # noqa: BLE001 - any import failure is the provider's
-                    raise PluginError(
-                        f"{self.kind} '{self.name}' from {self.provider.describe()} could not be imported "
-                        f"from '{self.target}': {type(exc).__name__}: {exc}"
-                    ) from exc
+            target = _resolve(self.target, f"{self.kind} '{self.name}' from {self.provider.describe()}")
             try:
                 check_component_class(self.kind, self.name, target)
             except PluginError as exc:
@@ -99,6 +91,17 @@ class ComponentEntry:
     @property
     def config_class(self) -> type[BaseModel]:
         return self.load().Config
+
+
+def _resolve(target: Any, registered: str) -> Any:
+    """``target`` itself, or the object a ``"module:object"`` string names, imported now; an import
+    failure is a :class:`PluginError` naming what was ``registered`` (e.g. "encoder 'x' from <provider>")."""
+    if not isinstance(target, str):
+        return target
+    try:
+        return import_object(target)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the provider's
+        raise PluginError(f"{registered} could not be imported from '{target}': {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass
@@ -115,15 +118,7 @@ class ExtensionEntry:
     def load(self) -> Callable[..., Any]:
         """The function, imported if registered by reference."""
         if self._fn is None:
-            target = self.target
-            if isinstance(target, str):
-                try:
-                    target = import_object(target)
-                except Exception as exc:  # noqa: BLE001 - any import failure is the provider's
-                    raise PluginError(
-                        f"recipe {self.what} '{self.name}' from {self.provider.describe()} could not be imported "
-                        f"from '{self.target}': {type(exc).__name__}: {exc}"
-                    ) from exc
+            target = _resolve(self.target, f"recipe {self.what} '{self.name}' from {self.provider.describe()}")
             if not callable(target):
                 raise PluginError(f"recipe {self.what} '{self.name}' from {self.provider.describe()}: {target!r} is not callable")
             self._fn = target
