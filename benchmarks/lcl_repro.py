@@ -7,7 +7,7 @@ Otter-style in-context instructions, each followed by its ``lcl``, ``lcl_false_r
 (default ``docs/lcl``): one PNG per evaluation with both models' curves, ``results.md`` (the
 tables and how each target of the LCL paper's findings fared) and ``results.json``.
 
-    python benchmarks/lcl_repro.py                 # both runs (about 40 minutes on 2 CPU cores)
+    python benchmarks/lcl_repro.py                 # both runs (at most an hour on 2 CPU cores)
     python benchmarks/lcl_repro.py --skip-train    # only redraw from runs/lcl_repro*/eval/after
 """
 

@@ -87,6 +87,22 @@ def test_mlp_depths_and_linear():
     torch.testing.assert_close(lin(x), x @ lin.proj.weight.T + lin.proj.bias)
 
 
+def test_projectors_mean_pool_each_frame_to_one_token():
+    mlp = MLPProjector(MLPConfig(projector="mlp2x_gelu", width_in=8, width_out=16, pool="mean"))
+    x = torch.randn(2, 3 * 5, 8)  # 3 frames of 5 tokens
+    out = mlp(x, num_frames=3)
+    assert out.shape == (2, 3, 16) and mlp.num_queries(5, num_frames=3) == 3
+    frames = x.reshape(2, 3, 5, 8).mean(dim=2)
+    torch.testing.assert_close(out, mlp.net(frames))
+    assert not torch.allclose(out[:, 0], out[:, 1])  # frames stay apart
+    lin = LinearProjector(LinearProjector.Config(width_in=8, width_out=4, pool="mean"))
+    torch.testing.assert_close(lin(x[:, :5]), x[:, :5].mean(dim=1, keepdim=True) @ lin.proj.weight.T + lin.proj.bias)
+    with pytest.raises(ValueError, match="do not split into 2 frames"):
+        lin(x[:, :5], num_frames=2)
+    with pytest.raises(ValueError, match="pool"):
+        MLPConfig(width_in=8, width_out=16, pool="max")
+
+
 # -------------------------------------------------------------------------------------- decoders
 def test_byte_tokenizer_round_trip():
     tok = byte_level_tokenizer()

@@ -17,7 +17,7 @@ from vlmkit.core.recipe.loader import RecipeError, load_recipe
 def test_smoke_profile_trains_and_writes_the_lcl_evaluations(name, tmp_path):
     resolved = load_recipe(name, "smoke")
     result = run(resolved, tmp_path / "run", progress=False)
-    assert [s.steps for s in result.stages] == [2, 2]
+    assert [s.steps for s in result.stages] == [2, 2, 2]  # align, train, train_random
     names = [r.name for r in result.evaluations["after"]]
     assert names == ["lcl", "lcl_false_ratio", "lcl_position"]
     folder = tmp_path / "run" / "eval" / "after"
@@ -34,11 +34,15 @@ def test_the_icl_twin_differs_only_in_its_training_data():
     lcl, icl = load_recipe("lcl_repro"), load_recipe("lcl_repro_icl")
     assert lcl.recipe.model == icl.recipe.model and lcl.recipe.eval == icl.recipe.eval
     assert lcl.recipe.stages[0] == icl.recipe.stages[0]  # the same align stage: the same starting model
-    a, b = lcl.recipe.stages[1], icl.recipe.stages[1]
-    assert a.data == ["lcl_train"] and b.data == ["in_context"]
-    assert a.model_dump(exclude={"data"}) == b.model_dump(exclude={"data"})
+    assert [s.name for s in lcl.recipe.stages] == [s.name for s in icl.recipe.stages] == ["align", "train", "train_random"]
+    for a, b, data in zip(lcl.recipe.stages[1:], icl.recipe.stages[1:], (["lcl_train"], ["lcl_random"])):
+        assert a.data == data and b.data == ["in_context"]
+        assert a.model_dump(exclude={"data"}) == b.model_dump(exclude={"data"})
     assert icl.datasets["in_context"].config.group == "IMAGE_TEXT_IN_CONTEXT"
-    assert lcl.datasets["lcl_train"].config.strategy == "2way_random"
+    # the paper's order: [2-way] at a fixed 16 shots, then shot counts drawn from 2..16
+    first, then = lcl.datasets["lcl_train"].config, lcl.datasets["lcl_random"].config
+    assert (first.strategy, first.shots) == ("2way", 16)
+    assert (then.strategy, then.min_shots, then.max_shots) == ("2way_random", 2, 16)
 
 
 def _mix_recipe(tmp_path, mix, data):

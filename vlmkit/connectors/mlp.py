@@ -1,11 +1,16 @@
 """Projector connectors (LLaVA): ``linear`` and ``mlp`` (``mlpNx_gelu``), applied token by token.
 
-``(N, tokens, width_in)`` -> ``(N, tokens, width_out)``: one output token per input token.
+``(N, F * tokens, width_in)`` -> ``(N, F * tokens, width_out)``: one output token per input token
+(``pool: none``, the default), or ``pool: mean``: each frame's tokens averaged first, then projected,
+``(N, F * tokens, width_in)`` -> ``(N, F, width_out)``: one token per frame. Mean pooling keeps what
+tells whole pictures apart (a nearest-neighbour classifier on pooled features is the LCL feature
+oracle) and makes prefix sequences short; it drops where things are.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 import torch
 from pydantic import field_validator
@@ -18,12 +23,27 @@ _MLP_RE = re.compile(r"^mlp([1-9][0-9]*)x_gelu$")
 
 class LinearConfig(ConnectorConfig):
     bias: bool = True
+    pool: Literal["none", "mean"] = "none"
+    """``none``: one output token per encoder token; ``mean``: one per frame (its tokens averaged)."""
+
+
+def _pooled(features: torch.Tensor, num_frames: int, pool: str) -> torch.Tensor:
+    """``(N, F * T, W)`` -> ``(N, F, W)`` (each frame's T tokens averaged) for ``pool: mean``;
+    unchanged for ``none``."""
+    if pool == "none":
+        return features
+    n, length, width = features.shape
+    if length % num_frames:
+        raise ValueError(f"{length} tokens do not split into {num_frames} frames of equal length")
+    return features.reshape(n, num_frames, length // num_frames, width).mean(dim=2)
 
 
 class MLPConfig(ConnectorConfig):
     projector: str = "mlp2x_gelu"
     """``mlpNx_gelu``: N linear layers with GELU between them (``mlp1x_gelu`` is one linear layer)."""
     bias: bool = True
+    pool: Literal["none", "mean"] = "none"
+    """``none``: one output token per encoder token; ``mean``: one per frame (its tokens averaged)."""
 
     @field_validator("projector")
     @classmethod
@@ -47,13 +67,14 @@ class LinearProjector(Connector):
         self.proj = nn.Linear(self.width_in, self.width_out, bias=config.bias)
 
     def num_queries(self, num_tokens_in: int, num_frames: int = 1) -> int:
-        return num_tokens_in * num_frames
+        return num_frames if self.config.pool == "mean" else num_tokens_in * num_frames
 
     def forward(
         self, features: torch.Tensor, num_frames: int = 1, media_positions: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``(N, F * tokens, width_in)`` -> ``(N, F * tokens, width_out)``."""
-        return self.proj(features)
+        """``(N, F * tokens, width_in)`` -> ``(N, F * tokens, width_out)``, or ``(N, F, width_out)``
+        with ``pool: mean``."""
+        return self.proj(_pooled(features, num_frames, self.config.pool))
 
 
 class MLPProjector(Connector):
@@ -69,10 +90,11 @@ class MLPProjector(Connector):
         self.net = nn.Sequential(*layers)
 
     def num_queries(self, num_tokens_in: int, num_frames: int = 1) -> int:
-        return num_tokens_in * num_frames
+        return num_frames if self.config.pool == "mean" else num_tokens_in * num_frames
 
     def forward(
         self, features: torch.Tensor, num_frames: int = 1, media_positions: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``(N, F * tokens, width_in)`` -> ``(N, F * tokens, width_out)``."""
-        return self.net(features)
+        """``(N, F * tokens, width_in)`` -> ``(N, F * tokens, width_out)``, or ``(N, F, width_out)``
+        with ``pool: mean``."""
+        return self.net(_pooled(features, num_frames, self.config.pool))
