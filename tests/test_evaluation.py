@@ -140,6 +140,35 @@ def test_eval_entries_are_validated_against_the_evaluator_and_the_data_section()
         load_recipe("otter_mimicit", "smoke", ["eval.0.max_tokens=3"])
 
 
+def test_eval_entries_are_written_under_their_name(otter_model, tmp_path, monkeypatch):
+    """Two entries of one evaluator: an entry's ``name`` names its results (files, tables), so they
+    do not overwrite each other; entries without one keep the evaluator's name, numbered from the
+    second on. ``name`` is the entry's, not an option of the evaluator."""
+    from vlmkit.core.errors import RecipeError
+
+    model, _ = otter_model
+    monkeypatch.setattr(instructions_module, "generate", lambda model, prompts, template, **kw: ["x"] * len(prompts))
+    entries = [{"type": "instructions", "data": ["eval_images"], "limit": 1},
+               {"type": "instructions", "name": "held_out_icl", "data": ["eval_images"], "limit": 2},
+               {"type": "instructions", "data": ["eval_video"], "limit": 1}]
+    resolved = load_recipe("otter_mimicit", "smoke", ["eval=" + json.dumps(entries)])
+    assert "name" not in resolved.evaluators[1].config.model_dump()
+    results = run_evaluations(model, resolved, tmp_path, "after", progress=False)
+    assert [r.name for r in results] == ["instructions", "held_out_icl", "instructions-2"]
+    folder = tmp_path / "eval" / "after"
+    assert sorted(p.name for p in folder.glob("*.json")) == ["held_out_icl.json", "instructions-2.json", "instructions.json"]
+    saved = json.loads((folder / "held_out_icl.json").read_text())
+    assert saved["name"] == "held_out_icl" and len(saved["items"]) == 2
+    assert (folder / "held_out_icl.md").read_text().startswith("| held_out_icl: exact-answer accuracy |")
+    assert len(json.loads((folder / "instructions.json").read_text())["items"]) == 1
+    twice = [{**entries[0], "name": "a"}, {**entries[1], "name": "a"}]
+    with pytest.raises(RecipeError, match=r"eval\.1\.name: eval entry name 'a' is used twice \(also eval\.0\)"):
+        load_recipe("otter_mimicit", "smoke", ["eval=" + json.dumps(twice)])
+    with pytest.raises(RecipeError, match=r"eval\.0\.name"):  # a file name: no folders, no spaces
+        load_recipe("otter_mimicit", "smoke", ["eval=" + json.dumps([{**entries[0], "name": "../x"}])])
+
+
+
 def test_recipes_eval_on_a_run_folder(smoke_run, capsys):
     assert main(["eval", str(smoke_run), "--data", "eval_images", "--label", "again", "--no-progress"]) == 0
     out = capsys.readouterr().out
