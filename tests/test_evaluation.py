@@ -169,6 +169,29 @@ def test_eval_entries_are_written_under_their_name(otter_model, tmp_path, monkey
 
 
 
+def test_the_run_report_pairs_before_and_after_by_name(tmp_path, monkeypatch):
+    """Results read back from eval/before/ (a resumed run) come in file-name order, not the eval
+    list's: each plot still shows one evaluator before and after."""
+    from vlmkit.core import cli
+    from vlmkit.core.evaluation import runner
+    from vlmkit.core.interfaces import EvalResult
+
+    def result(name, value):
+        return EvalResult(name=name, metric="accuracy", metrics={"all": value}, counts={"all": 1})
+
+    drawn = []
+    monkeypatch.setattr(runner, "comparison_plot", lambda results, labels, path: drawn.append(
+        (path.name, [r.name for r in results], labels)))
+    after = [result("instructions", 0.5), result("instructions_in_context", 0.6), result("image_use", 0.4)]
+    before = sorted([result("instructions", 0.0), result("instructions_in_context", 0.0)], key=lambda r: r.name)
+    cli._evaluation_report({"before": before, "after": after}, tmp_path)
+    assert drawn == [("instructions.png", ["instructions", "instructions"], ["before", "after"]),
+                     ("instructions_in_context.png", ["instructions_in_context"] * 2, ["before", "after"]),
+                     ("image_use.png", ["image_use"], ["after"])]
+    assert "| instructions_in_context: accuracy | before | after | n |" in (tmp_path / "eval" / "summary.md").read_text()
+
+
+
 def test_recipes_eval_on_a_run_folder(smoke_run, capsys):
     assert main(["eval", str(smoke_run), "--data", "eval_images", "--label", "again", "--no-progress"]) == 0
     out = capsys.readouterr().out
