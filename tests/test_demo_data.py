@@ -228,7 +228,7 @@ def test_a_smaller_image_size(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------- instructions
 INSTRUCTION_FILES = ["DEMO_instructions.json", "DEMO_VIDEO_instructions.json", "DEMO_TEXT_instructions.json",
-                     "DEMO_EVAL_instructions.json", "DEMO_VIDEO_EVAL_instructions.json"]
+                     "DEMO_EVAL_instructions.json", "DEMO_VIDEO_EVAL_instructions.json", "DEMO_ICL_EVAL_instructions.json"]
 
 
 @pytest.mark.parametrize("name", INSTRUCTION_FILES)
@@ -416,6 +416,147 @@ def test_held_out_split_is_disjoint_from_training(written) -> None:
     assert not any(str(looks(i)) in seen for i in scenes if i in held_images)  # no held-out scene is a training one
 
 
+# ------------------------------------------------------------------ held out, with in-context examples
+def test_held_out_in_context_files(written, small) -> None:
+    """DEMO_ICL_EVAL: the held-out stills again (same order, scenes, questions and answers, and the
+    same number in the id), each a query of the train config with examples as the training ICL
+    config gives them: copies of training instructions, in the same instructions file."""
+    for root in (written[0], small):
+        raw = load(root, "DEMO_ICL_EVAL_instructions.json")
+        assert raw["meta"]["group"] == "IMAGE_TEXT_IN_CONTEXT" and raw["meta"]["split"] == "eval"
+        data, config = raw["data"], load(root, "DEMO_ICL_EVAL_train.json")
+        held, train = load(root, "DEMO_EVAL_instructions.json")["data"], load(root, "DEMO_instructions.json")["data"]
+        asks = load(root, "DEMO_scenes.json")["instructions"]
+        assert list(config) == [rid.replace("DEMO_EVAL_INS_", "DEMO_ICL_EVAL_INS_") for rid in held]
+        assert [asks[q]["copy_of"] for q in config] == list(held)
+        examples = [rid for rid in data if rid not in config]
+        assert list(data) == list(config) + examples and all(e.startswith("DEMO_ICL_EVAL_EX_") for e in examples)
+        assert {e for context in config.values() for e in context} == set(examples)  # no unused example
+        types, held_types = load(root, "DEMO_ICL_EVAL_types.json"), load(root, "DEMO_EVAL_types.json")
+        assert list(types) == list(config) and all(types[q] == held_types[asks[q]["copy_of"]] for q in config)
+        for q, context in config.items():
+            original = held[asks[q]["copy_of"]]
+            assert {k: data[q][k] for k in ("instruction", "answer", "image_ids")} == \
+                {k: original[k] for k in ("instruction", "answer", "image_ids")}
+            assert data[q]["rel_ins_ids"] == context and len(context) >= 1  # every query has an example
+            assert asks[q]["in_context"] in ("similar_text", "similar_image")
+        for e in examples:  # a training instruction, copied without examples of its own
+            source = asks[e]["copy_of"]
+            assert data[e] == {**train[source], "rel_ins_ids": []} and asks[e]["split"] == "train"
+            assert {k: v for k, v in asks[e].items() if k not in ("copy_of", "in_context")} == \
+                {k: v for k, v in asks[source].items() if k != "in_context"}
+    # the demo's size: three examples each, the two kinds of the training ICL config half each, as there
+    config = load(small, "DEMO_ICL_EVAL_train.json")
+    asks = load(small, "DEMO_scenes.json")["instructions"]
+    assert len(config) == 160 and Counter(len(c) for c in config.values()) == {3: 160}
+    assert Counter(len(c) for c in load(small, "DEMO_ICL_train.json").values()) == {3: 400}
+    assert Counter(asks[q]["in_context"] for q in config) == {"similar_text": 80, "similar_image": 80}
+    assert Counter(asks[q]["in_context"] for q in load(small, "DEMO_ICL_train.json")) == \
+        {"similar_text": 200, "similar_image": 200}
+
+
+def held_out_in_context_pairs(root: Path) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
+    """(query id, example id, query record, example record) for every example of DEMO_ICL_EVAL."""
+    data = load(root, "DEMO_ICL_EVAL_instructions.json")["data"]
+    return [(q, e, data[q], data[e]) for q, context in load(root, "DEMO_ICL_EVAL_train.json").items() for e in context]
+
+
+@pytest.mark.parametrize("which", ["tiny", "small"])
+def test_no_held_out_in_context_example_gives_its_query_s_answer_away(written, small, which: str) -> None:
+    root = written[0] if which == "tiny" else small
+    described = load(root, "DEMO_scenes.json")
+    asks, scenes = described["instructions"], described["scenes"]
+    pairs = held_out_in_context_pairs(root)
+    leaks = [(q, e) for q, e, query, example in pairs
+             if (example["instruction"], example["answer"]) == (query["instruction"], query["answer"])]
+    assert leaks == [] and len(pairs) >= len(load(root, "DEMO_ICL_EVAL_train.json"))
+    # the generator's leak rule, the one the training configs keep
+    assert [(q, e) for q, e, query, example in pairs
+            if not demo.context_allowed(asks[q], asks[e], query["instruction"], example["instruction"])] == []
+    for q, e, query, example in pairs:
+        assert example["instruction"] != query["instruction"], (q, e)
+        assert scenes[example["image_ids"][0]]["split"] == "train", (q, e)  # only the query is held out
+        layout = layout_of(scenes[query["image_ids"][0]]) == layout_of(scenes[example["image_ids"][0]])
+        if asks[q]["in_context"] == "similar_image":  # chosen for the query's layout: never about the layout
+            assert layout and asks[e]["kind"] in ("colour", "count"), (q, e)
+            assert scenes[example["image_ids"][0]]["family"] == asks[q]["similar_family"], (q, e)
+        else:  # chosen by type alone: any training scene, whatever its layout
+            assert asks[e]["kind"] == asks[q]["kind"] and asks[e]["target"] != asks[q]["target"], (q, e)
+    # and the rule refuses what would leak: a layout question about the family chosen for the layout
+    query = next(asks[q] for q, *_ in pairs if asks[q]["in_context"] == "similar_image"
+                 and asks[q]["kind"] in ("where", "shape")) if which == "small" else None
+    if query is not None:
+        same_family = next(a for a in asks.values() if a.get("family") == query["similar_family"]
+                           and a["kind"] in ("where", "shape") and a["split"] == "train")
+        assert not demo.context_allowed(query, same_family, "query", "example")
+    if which == "small":  # copying the examples' most frequent answer is no better than a guess
+        right = tried = 0
+        answers = {kind: {r["answer"] for rid, r in load(root, "DEMO_instructions.json")["data"].items()
+                          if asks[rid]["kind"] == kind} for kind in SCENE_TYPES}
+        by_query: dict[str, list[str]] = {}
+        for q, _e, query, example in pairs:
+            if example["answer"] in answers[asks[q]["kind"]]:
+                by_query.setdefault(q, []).append(example["answer"])
+        data = load(root, "DEMO_ICL_EVAL_instructions.json")["data"]
+        for q, usable in by_query.items():
+            tried += 1
+            right += Counter(usable).most_common(1)[0][0] == data[q]["answer"]
+        assert tried > 100 and right / tried <= 0.4, (right, tried)
+
+
+#: version 4 of the demo data (seed 0, size small): the sha256 of each JSON file, and of the images'
+#: ids and decoded pixels (:func:`version_4_digests`); version 5 only added files
+VERSION_4 = {
+    "DEMO_instructions.json": "cb445651493078069832a73866bef743c06c0a4771a0e282689a05637a97242b",
+    "DEMO_train.json": "bd3e0c9cd94b1c63c64a3ffc7120307ee35ef19466524a620cb4ba7e3aa7f9c5",
+    "DEMO_ICL_train.json": "a969f38731b42113df6675776274633b5056581f3cefc9c4b3b37b45a7d3cfd1",
+    "DEMO_VIDEO_instructions.json": "f85a394c401948b0b1e1beda033b94823937fcf3a6888ec74a0247d4dead0511",
+    "DEMO_VIDEO_train.json": "255410d4d1a3db7b86740da51df9dccdd65b8382551ce9f29c4c35c0e2d0c090",
+    "DEMO_TEXT_instructions.json": "8bc13382b9823d9e7224f9c061cb58dd4e502ce61a1ccc660d5cdca9fb73aeeb",
+    "DEMO_TEXT_train.json": "97fe0bdef2b6219ce41c889e6b3129338b8c7bb95118b41665caf5541b3a5c99",
+    "DEMO_EVAL_instructions.json": "a10b91ebba5fff54e338463bf440bbf48080dc36915df4f16d2e4ca0f4886037",
+    "DEMO_VIDEO_EVAL_instructions.json": "58c93d9fc3d9cca8ff5a1d5378487025d43ab7e5147d0eae0cdafacf8f6f6ada",
+    "DEMO_EVAL_types.json": "0ec587c73ceec3829f1264530e3fafd983ed3d89be05cc9a26d772ed8d2b7440",
+    "captions.json": "3585c6113e89133e6510c6a4d2ed32c8ecb2f8f59b79ae5febcf964c10354df6",
+    "captions_eval.json": "d1efefe661dcc5c65aedb17803eecce22bdd5a33c4de46e20252e67443a451cc",
+    "DEMO_scenes.json": "4c50952a0be7f1a407b4bd38119f7905a1b0c4dc66a5db99a8ce1eded9a631ca",
+    "DEMO.parquet": "20cb525fcef0ea7c0c494bb8d201afb3086d29758fc7c5a60e54b32cf4604a05",
+    "images/": "763c4b69bb1f25f0921a2d01ca91069933bc3f65c8df19d8d18f85c569f5da03",
+}
+
+
+def version_4_digests(root: Path) -> dict[str, str]:
+    """What each file of version 4 holds, with the version number in its metadata read as 4: the
+    sha256 of each JSON file (of DEMO_scenes.json, of what version 4 described: the instructions
+    without the DEMO_ICL_EVAL ones), of the parquet file's row groups, ids and decoded pixels (PNG
+    bytes depend on the zlib build), and of the PNG folder's names (each file the parquet's PNG)."""
+    stamp = f"vlmkit-demo-{demo.DEMO_VERSION}".encode()
+    out = {name: hashlib.sha256((root / name).read_bytes().replace(stamp, b"vlmkit-demo-4")).hexdigest()
+           for name in VERSION_4 if name.endswith(".json") and name != "DEMO_scenes.json"}
+    described = load(root, "DEMO_scenes.json")
+    described["version"] = 4
+    described["instructions"] = {k: v for k, v in described["instructions"].items() if not k.startswith("DEMO_ICL_EVAL_")}
+    out["DEMO_scenes.json"] = hashlib.sha256((json.dumps(described, indent=1, ensure_ascii=False) + "\n").encode()).hexdigest()
+    table = pq.read_table(root / "DEMO.parquet")
+    pixels = hashlib.sha256(str(pq.ParquetFile(root / "DEMO.parquet").metadata.num_row_groups).encode())
+    for image_id, value in zip(table.column("id").to_pylist(), table.column("base64").to_pylist()):
+        png = base64.urlsafe_b64decode(value)
+        pixels.update(image_id.encode() + np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).tobytes())
+        if (root / "images" / f"{image_id}.png").exists():
+            assert (root / "images" / f"{image_id}.png").read_bytes() == png
+    out["DEMO.parquet"] = pixels.hexdigest()
+    out["images/"] = hashlib.sha256(" ".join(sorted(p.name for p in (root / "images").iterdir())).encode()).hexdigest()
+    return out
+
+
+def test_the_files_of_version_4_are_unchanged(small) -> None:
+    """The held-out in-context files were added without changing any training or held-out data:
+    the demo's figures of version 4 hold for version 5 (its files differ only in the version number)."""
+    assert version_4_digests(small) == VERSION_4
+    instructions = (small / "DEMO_instructions.json").read_text(encoding="utf-8")
+    assert f'"version": "vlmkit-demo-{demo.DEMO_VERSION}"' in instructions and demo.DEMO_VERSION >= 5
+
+
 # ------------------------------------------------------------------------------ not gameable
 def in_context_pairs(root: Path) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
     """(query id, example id, query record, example record) for every in-context example of every
@@ -559,6 +700,11 @@ def test_manifest_and_readme(written) -> None:
     counts = manifest["counts"]
     assert counts["train_image_instructions"] == len(load(root, "DEMO_instructions.json")["data"])
     assert counts["eval_video_instructions"] == len(load(root, "DEMO_VIDEO_EVAL_instructions.json")["data"])
+    assert counts["eval_in_context_queries"] == len(load(root, "DEMO_ICL_EVAL_train.json"))
+    assert counts["eval_in_context_queries"] + counts["eval_in_context_examples"] == \
+        len(load(root, "DEMO_ICL_EVAL_instructions.json")["data"])
+    assert sum(counts["eval_in_context"].values()) == counts["eval_in_context_queries"]
+    assert {"DEMO_ICL_EVAL_instructions.json", "DEMO_ICL_EVAL_train.json", "DEMO_ICL_EVAL_types.json"} <= set(manifest["files"])
     assert len(list((root / "images").glob("*.png"))) == counts["train_scenes"] + counts["eval_scenes"]
     types = {e["type"] for e in manifest["recipe_data"].values()}
     assert types == {"mimicit", "captions"}
@@ -568,6 +714,7 @@ def test_manifest_and_readme(written) -> None:
                 assert (root / entry[key]).exists(), entry[key]
     readme = (root / "README.md").read_text(encoding="utf-8")
     assert "type: mimicit" in readme and "type: captions" in readme and "seed 0" in readme
+    assert "`DEMO_ICL_EVAL_instructions.json` (" in readme and "demo_eval_in_context:" in readme
 
 
 def test_recipe_entries_build_and_read(written) -> None:
@@ -591,6 +738,11 @@ def test_recipe_entries_build_and_read(written) -> None:
             assert len(record.query.media) == 1 and len(record.query.media[0].frames) == 4
         if group == "TEXT_ONLY":
             assert record.query.media == []
+        if alias == "demo_eval_in_context":  # a held-out query after three training examples, each with its image
+            assert record.query.media[0].id.startswith("DEMO_IMG_eval") and len(record.context) == 3
+            assert all(len(ex.media) == 1 and ex.media[0].id.startswith("DEMO_IMG_train") for ex in record.context)
+            assert all(ex.turns[-1].role == "assistant" and ex.turns[-1].text for ex in record.context)
+            assert len(ds) == len(load(root, "DEMO_ICL_EVAL_train.json"))
     assert groups == {"CAPTION", "IMAGE_TEXT", "IMAGE_TEXT_IN_CONTEXT", "VIDEO_TEXT", "TEXT_ONLY"}
 
 

@@ -94,7 +94,7 @@ def test_instructions_evaluator_scores_per_type_and_writes_results(otter_model, 
 
     registry = get_registry()
     answers = {}
-    for alias in ("eval_images", "eval_video"):
+    for alias in ("eval_images", "eval_video", "eval_in_context"):  # the last: the recipe's second entry
         spec = resolved.datasets[alias]
         ds = registry.component_class("dataset", spec.name)(spec.config)
         for i in range(min(3, len(ds))):
@@ -138,6 +138,98 @@ def test_eval_entries_are_validated_against_the_evaluator_and_the_data_section()
         load_recipe("otter_mimicit", "smoke", ["eval.0.type=instruction"])
     with pytest.raises(RecipeError, match=r"eval\.0\.max_tokens"):
         load_recipe("otter_mimicit", "smoke", ["eval.0.max_tokens=3"])
+
+
+def test_eval_entries_are_written_under_their_name(otter_model, tmp_path, monkeypatch):
+    """Two entries of one evaluator: an entry's ``name`` names its results (files, tables), so they
+    do not overwrite each other; entries without one keep the evaluator's name, numbered from the
+    second on. ``name`` is the entry's, not an option of the evaluator."""
+    from vlmkit.core.errors import RecipeError
+
+    model, _ = otter_model
+    monkeypatch.setattr(instructions_module, "generate", lambda model, prompts, template, **kw: ["x"] * len(prompts))
+    entries = [{"type": "instructions", "data": ["eval_images"], "limit": 1},
+               {"type": "instructions", "name": "held_out_icl", "data": ["eval_images"], "limit": 2},
+               {"type": "instructions", "data": ["eval_video"], "limit": 1}]
+    resolved = load_recipe("otter_mimicit", "smoke", ["eval=" + json.dumps(entries)])
+    assert "name" not in resolved.evaluators[1].config.model_dump()
+    results = run_evaluations(model, resolved, tmp_path, "after", progress=False)
+    assert [r.name for r in results] == ["instructions", "held_out_icl", "instructions-2"]
+    folder = tmp_path / "eval" / "after"
+    assert sorted(p.name for p in folder.glob("*.json")) == ["held_out_icl.json", "instructions-2.json", "instructions.json"]
+    saved = json.loads((folder / "held_out_icl.json").read_text())
+    assert saved["name"] == "held_out_icl" and len(saved["items"]) == 2
+    assert (folder / "held_out_icl.md").read_text().startswith("| held_out_icl: exact-answer accuracy |")
+    assert len(json.loads((folder / "instructions.json").read_text())["items"]) == 1
+    twice = [{**entries[0], "name": "a"}, {**entries[1], "name": "a"}]
+    with pytest.raises(RecipeError, match=r"eval\.1\.name: eval entry name 'a' is used twice \(also eval\.0\)"):
+        load_recipe("otter_mimicit", "smoke", ["eval=" + json.dumps(twice)])
+    with pytest.raises(RecipeError, match=r"eval\.0\.name"):  # a file name: no folders, no spaces
+        load_recipe("otter_mimicit", "smoke", ["eval=" + json.dumps([{**entries[0], "name": "../x"}])])
+
+
+def test_in_context_prompts_hold_the_examples_with_their_answers(otter_model):
+    """The held-out in-context entry: each prompt is the three training examples with their images
+    and answers, then the held-out query cut before its answer, the only text left to generate."""
+    from vlmkit.core.interfaces import EvalContext
+    from vlmkit.core.registry import get_registry
+    from vlmkit.evaluators.instructions import held_out_questions
+
+    model, resolved = otter_model
+    spec = resolved.datasets["eval_in_context"]
+    ds = get_registry().component_class("dataset", spec.name)(spec.config)
+    context = EvalContext(datasets={"eval_in_context": ds}, templates=dict(model.templates), output_dir=None, progress=False)
+    questions = held_out_questions(context, "eval_in_context", model.decoder.tokenizer, types=None, types_file=None,
+                                   limit=4, evaluator="instructions")
+    assert len(questions) == 4
+    for i, q in enumerate(questions):
+        record = ds[i]
+        text = "".join(t for t, _ in q.prompt.segments)
+        assert len(record.context) == 3 and text.count("<image>") == 4 and len(q.prompt.images) == 4
+        for example in record.context:
+            question, answer = example.turns[0].text, example.turns[1].text
+            assert f"<image>User: {question} GPT:<answer> {answer}<|endofchunk|>" in text
+        assert text.endswith(f"<image>User: {record.query.turns[0].text} GPT:<answer>")
+        assert q.item["id"] == record.id and q.item["question"] == record.query.turns[0].text
+        assert q.item["reference"] == record.query.turns[1].text
+
+
+def test_the_smoke_run_reports_held_out_accuracy_with_and_without_in_context_examples(smoke_run):
+    """otter_mimicit's eval list: the held-out questions without in-context examples (instructions)
+    and the same stills with them (instructions_in_context), before and after training."""
+    for label in ("before", "after"):
+        folder = smoke_run / "eval" / label
+        plain = json.loads((folder / "instructions.json").read_text())
+        icl = json.loads((folder / "instructions_in_context.json").read_text())
+        assert icl["name"] == "instructions_in_context" and icl["counts"]["all"] == 3
+        assert [i["id"] for i in icl["items"]] == [f"DEMO_ICL_EVAL_INS_0000{n}" for n in (1, 2, 3)]
+        stills = [i for i in plain["items"] if i["data"] == "eval_images"]
+        assert [(i["question"], i["reference"], i["type"]) for i in icl["items"]] == \
+            [(i["question"], i["reference"], i["type"]) for i in stills]
+        assert (folder / "instructions_in_context.md").read_text().startswith(
+            "| instructions_in_context: exact-answer accuracy |")
+
+
+def test_the_run_report_pairs_before_and_after_by_name(tmp_path, monkeypatch):
+    """Results read back from eval/before/ (a resumed run) come in file-name order, not the eval
+    list's: each plot still shows one evaluator before and after."""
+    from vlmkit.core import cli
+    from vlmkit.core.evaluation import runner
+    from vlmkit.core.interfaces import EvalResult
+
+    def result(name, value):
+        return EvalResult(name=name, metric="accuracy", metrics={"all": value}, counts={"all": 1})
+
+    drawn = []
+    monkeypatch.setattr(runner, "comparison_plot", lambda results, labels, path: drawn.append(
+        (path.name, [r.name for r in results], labels)))
+    after = [result("instructions", 0.5), result("instructions_in_context", 0.6), result("image_use", 0.4)]
+    before = sorted([result("instructions", 0.0), result("instructions_in_context", 0.0)], key=lambda r: r.name)
+    cli._evaluation_report({"before": before, "after": after}, tmp_path)
+    assert drawn == [("instructions.png", ["instructions", "instructions"], ["before", "after"]),
+                     ("instructions_in_context.png", ["instructions_in_context"] * 2, ["before", "after"]),
+                     ("image_use.png", ["image_use"], ["after"])]
+    assert "| instructions_in_context: accuracy | before | after | n |" in (tmp_path / "eval" / "summary.md").read_text()
 
 
 def test_recipes_eval_on_a_run_folder(smoke_run, capsys):

@@ -292,15 +292,15 @@ def test_image_use_is_a_registered_builtin_evaluator():
     assert "image_use" in registry.names("evaluator")
     assert registry.component_class("evaluator", "image_use") is ImageUseEvaluator
     assert registry.entry("evaluator", "image_use").provider.describe() == "vlmkit (built-in)"
-    with pytest.raises(RecipeError, match=r"eval\.1\.shuffle"):
-        load_recipe("otter_mimicit", "smoke", ["eval.1.shuffle=true"])
+    with pytest.raises(RecipeError, match=r"eval\.2\.shuffle"):  # after instructions and instructions_in_context
+        load_recipe("otter_mimicit", "smoke", ["eval.2.shuffle=true"])
 
 
 @pytest.mark.parametrize("recipe", ["otter_mimicit", "llava"])
 def test_recipes_evaluate_image_use_with_the_data_of_their_instructions_evaluator(recipe):
     for profile in ("demo", "smoke"):
         resolved = load_recipe(recipe, profile)
-        specs = {spec.name: spec.config for spec in resolved.evaluators}
+        specs = {spec.entry_name or spec.name: spec.config for spec in resolved.evaluators}
         assert specs["image_use"].data == specs["instructions"].data
         assert specs["image_use"].question_types == specs["instructions"].question_types
     assert specs["image_use"].limit == 12  # smoke: enough records for three pictures (clips) or more
@@ -309,10 +309,10 @@ def test_recipes_evaluate_image_use_with_the_data_of_their_instructions_evaluato
 def test_the_smoke_profile_runs_image_use_and_writes_its_results(otter, tmp_path):
     model, resolved = otter
     results = run_evaluations(model, resolved, tmp_path, "before", progress=False)
-    assert [r.name for r in results] == ["instructions", "image_use"]
-    result = results[1]
+    assert [r.name for r in results] == ["instructions", "instructions_in_context", "image_use"]
+    result = results[2]
     assert result.counts["all"] == 24 and "skipped" not in result.counts  # 12 questions on pictures, 12 on clips
-    assert {i["type"] for i in result.items} <= set(json.loads(open(resolved.evaluators[1].config.question_types).read()).values())
+    assert {i["type"] for i in result.items} <= set(json.loads(open(resolved.evaluators[2].config.question_types).read()).values())
     for row in ("all: loss right", "all: loss shuffled", "all: loss blank", "all: acc right", "all: loss gap",
                 "all: acc gap", "colour: loss gap", "video direction: acc gap"):
         assert row in result.metrics

@@ -32,7 +32,7 @@ def test_eval_every_writes_a_learning_curve_and_leaves_the_training_unchanged(tm
     # before at 0, step-2 at 2, after at the last step (4); the values are the results' own
     assert data["instructions"]["all"] == {"0": data["instructions"]["all"]["0"], "2": step2["metrics"]["all"],
                                            "4": after["metrics"]["all"]}
-    assert set(data) == {"instructions", "image_use"}
+    assert set(data) == {"instructions", "instructions_in_context", "image_use"}
 
 
 def test_a_fresh_start_drops_an_earlier_runs_step_evaluations(tmp_path):

@@ -47,6 +47,25 @@ def test_profiles_are_smoke_demo_paper_and_demo_is_the_default(name):
 
 
 @pytest.mark.parametrize("name", SHIPPED)
+def test_demo_profiles_evaluate_with_and_without_in_context_examples_paper_profiles_read_no_demo_data(
+        name, tmp_path, monkeypatch):
+    """Every recipe that evaluates on the demo's held-out questions also evaluates the same stills
+    with in-context examples (its own entry name, its own files); the paper profile never reads
+    the demo data (loading it writes nothing to the cache)."""
+    for profile in ("demo", "smoke"):
+        entries = {e.entry_name or e.name: e.config for e in load_recipe(name, profile).evaluators}
+        assert entries["instructions"].data[0] == "eval_images", profile
+        icl = entries["instructions_in_context"]
+        assert icl.data == ["eval_in_context"] and icl.question_types.endswith("/DEMO_ICL_EVAL_types.json"), profile
+    spec = load_recipe(name).datasets["eval_in_context"].config
+    assert spec.group == "IMAGE_TEXT_IN_CONTEXT" and str(spec.train_config).endswith("/DEMO_ICL_EVAL_train.json")
+    monkeypatch.setenv("VLMKIT_CACHE", str(tmp_path / "cache"))
+    paper = load_recipe(name, "paper")
+    assert "instructions_in_context" not in [e.entry_name for e in paper.evaluators]
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_smoke_profile_trains_every_stage_evaluates_exports_and_the_export_generates(name, tmp_path):
     resolved = load_recipe(name, "smoke")
     result = run(resolved, tmp_path / "run", progress=False)
@@ -61,6 +80,8 @@ def test_smoke_profile_trains_every_stage_evaluates_exports_and_the_export_gener
     assert after.metrics["all"] == pytest.approx(sum(i["correct"] for i in after.items) / len(after.items))
     if resolved.recipe.run.eval_before:
         assert result.evaluations["before"][0].counts == after.counts
+    in_context = next(r for r in result.evaluations["after"] if r.name == "instructions_in_context")
+    assert in_context.counts["all"] == 3 and (tmp_path / "run" / "eval" / "after" / "instructions_in_context.json").is_file()
 
     model, loaded = load_with_recipe(tmp_path / "run")  # the run folder's export/
     trained = result.model.eval()

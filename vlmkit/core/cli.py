@@ -266,8 +266,10 @@ def _evaluation_report(evaluations: dict, output_dir: Path) -> str:
     folder = output_dir / EVAL_DIR
     if before:
         text = comparison(before, after)
-        for b, a in zip(before, after):
-            comparison_plot([b, a], ["before", "after"], folder / f"{a.name}.png")
+        earlier = {b.name: b for b in before}  # by name: results read back from files come in file-name order
+        for a in after:
+            b = earlier.get(a.name)
+            comparison_plot([b, a] if b else [a], ["before", "after"] if b else ["after"], folder / f"{a.name}.png")
     else:
         parts = []
         for a in after:

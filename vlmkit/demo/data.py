@@ -29,6 +29,17 @@
     instruction id to its question type (``colour``, ``count``, ``where``, ``shape``, ``video
     direction``, ``video colour``, ``video shape``), for the ``instructions`` evaluator's
     per-type accuracy.
+  - ``DEMO_ICL_EVAL_instructions.json`` + ``DEMO_ICL_EVAL_train.json`` (group
+    IMAGE_TEXT_IN_CONTEXT) and ``DEMO_ICL_EVAL_types.json``: the held-out still questions again
+    (the same scenes, questions and answers as ``DEMO_EVAL_instructions.json`` in the same order,
+    ``DEMO_ICL_EVAL_INS_00001`` being ``DEMO_EVAL_INS_00001``), each with three in-context
+    examples as the training ICL config gives them: its two kinds dealt in turn, questions of the
+    same type about another target in training scenes, or colour and count questions about the
+    images of a training family of the query's layout. Only the query is held out: the examples
+    are training instructions, copied into the same file under their own ids
+    (``DEMO_ICL_EVAL_EX_00001`` ...; ``copy_of`` in ``DEMO_scenes.json`` names the original), so
+    that one instructions file holds queries and examples. Held-out accuracy with and without
+    in-context examples is then measured on the same questions.
 
 - LLaVA-format captions for an alignment stage: ``captions.json`` (training scenes) and
   ``captions_eval.json`` (held-out scenes), ``[{id, image, caption}]`` with the image paths
@@ -45,14 +56,17 @@ steps along a row or column), so that the frozen encoder's features tell colours
 not only shapes and places. ``benchmarks/probe_demo_features.py`` measures, per question type, how
 well a linear probe of the recipe encoder's features reads the answers (the feature ceiling).
 
+Version 5 added the ``DEMO_ICL_EVAL`` files and changed nothing else: every file of version 4 is
+the same but for the version number in its metadata (tested against version 4's digests).
+
 Not gameable: the question does not tell the answer (each type's answers are kept even over a
 split, and every shape, column or direction is asked about alike whatever the answer; the wording
 does not depend on the scene: "What colour are the squares?" even for one square), and no
 in-context example gives its query's answer away (:func:`context_allowed`): no example repeats the
 query's question; colours and counts are drawn independently for every group of every image, so
 knowing one tells nothing of another; the shapes' columns are a permutation, so an example about
-the same image or layout never asks about the layout (where, shape) when the query does; and of a
-clip's questions only its colour and shape questions are examples of each other (a direction
+the same image or layout (for a held-out query, the training family chosen for its layout) never
+asks about the layout (where, shape) when the query does; and of a clip's questions only its colour and shape questions are examples of each other (a direction
 question names a shape and tells where it moves).
 
 The same ``seed`` and ``size`` give byte-identical files. :func:`demo_data_dir` keeps one copy per
@@ -110,8 +124,10 @@ __all__ = [
     "context_allowed",
 ]
 
-#: bump when the generated data changes: the cache keeps one folder per version
-DEMO_VERSION = 4
+#: bump when the generated data changes: the cache keeps one folder per version (5: the held-out
+#: in-context evaluation files ``DEMO_ICL_EVAL_*`` added; every file of version 4 is unchanged but for
+#: this number in its metadata)
+DEMO_VERSION = 5
 
 #: how much to generate: still scenes (train / held out; training scenes come in families of
 #: :data:`FAMILY` that share a layout), clips (train / held out) and their frames, text-only sums
@@ -154,6 +170,9 @@ FILES = {
     "eval_instructions": f"{PREFIX}_EVAL_instructions.json",
     "video_eval_instructions": f"{PREFIX}_VIDEO_EVAL_instructions.json",
     "eval_types": f"{PREFIX}_EVAL_types.json",
+    "icl_eval_instructions": f"{PREFIX}_ICL_EVAL_instructions.json",
+    "icl_eval_train_config": f"{PREFIX}_ICL_EVAL_train.json",
+    "icl_eval_types": f"{PREFIX}_ICL_EVAL_types.json",
     "scenes": f"{PREFIX}_scenes.json",
     "captions": "captions.json",
     "captions_eval": "captions_eval.json",
@@ -346,16 +365,18 @@ def context_allowed(query: dict[str, Any], example: dict[str, Any], query_text: 
     """Whether instruction ``example`` may be an in-context example of ``query`` (both
     ``DEMO_scenes.json`` ``instructions`` entries, with their instruction texts) without telling
     its answer: never the same question, nor the same type about the same image or clip; about the
-    same image or another image of its family (the same layout: which shape in which column), never
-    a layout question (where, shape) for a layout query (images of other families have layouts
-    drawn independently of the query's: their answers tell nothing of its answer);
-    about a clip, only its colour question for its shape question and the reverse."""
+    same image or another image of its family (the same layout: which shape in which column), or,
+    for a held-out query, about an image of the training family chosen for having its layout (its
+    ``similar_family``), never a layout question (where, shape) for a layout query (images of other
+    families have layouts drawn independently of the query's: their answers tell nothing of its
+    answer); about a clip, only its colour question for its shape question and the reverse."""
     if example_text == query_text or example["kind"] == query["kind"] and example["about"] == query["about"]:
         return False
     if query.get("clip"):  # a direction question and its answer, or the colour or shape of the shape moving
         # somewhere, tell which shape moves where: only the colour and the shape question go together
         return "direction" not in (query["kind"], example["kind"])
-    same_layout = query["about"] == example["about"] or query.get("family") == example.get("family")
+    same_layout = (query["about"] == example["about"] or query.get("family") == example.get("family")
+                   or query.get("similar_family") is not None and query["similar_family"] == example.get("family"))
     return not (same_layout and query["kind"] in LAYOUT_KINDS and example["kind"] in LAYOUT_KINDS)
 
 
@@ -460,6 +481,9 @@ class _Builder:
         self.video = self.add_clips("train", counts["train_clips"], f"{PREFIX}_VID_INS_", contexts=True)
         self.video_eval = self.add_clips("eval", counts["eval_clips"], f"{PREFIX}_VID_EVAL_INS_", contexts=False)
         self.text = self.text_only(counts["text"], f"{PREFIX}_TXT_INS_")
+        # last, so that everything above (and DEMO_scenes.json's order) is what it was without it
+        self.icl_eval, self.icl_eval_config = self.held_out_contexts(f"{PREFIX}_ICL_EVAL_INS_",
+                                                                     f"{PREFIX}_ICL_EVAL_EX_")
         return self
 
     # ---------------------------------------------------------------------------------- stills
@@ -554,6 +578,63 @@ class _Builder:
             ins["rel_ins_ids"] = pool
             q["in_context"] = mode
 
+    def held_out_contexts(self, prefix: str, example_prefix: str) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+        """The held-out still questions again (those of :attr:`evaluation`, in order, as new ids
+        ``prefix``...), each with in-context examples as the training ICL config gives them: the
+        two kinds of ``DEMO_ICL_train.json`` dealt in turn, three examples each, (b) questions of
+        the same type about another target in training scenes (every training scene is of another
+        family), or (c) colour and count questions about the images of a training family of the
+        query's layout (drawn among those families; ``similar_family`` in the query's
+        description). Only the query is held out: the examples are training instructions,
+        copied with ids ``example_prefix``... (one copy per training instruction used, no
+        ``rel_ins_ids``), so that one instructions file holds queries and examples. Every example
+        is one :func:`context_allowed` admits. Returns (instructions: queries, then examples;
+        train config: query -> example ids)."""
+        by_kind: dict[str, list[str]] = {}
+        by_family: dict[str, list[str]] = {}
+        families: dict[str, list[str]] = {}  # layout -> its training families
+        for ins_id in self.train:
+            q = self.questions[ins_id]
+            by_kind.setdefault(q["kind"], []).append(ins_id)
+            by_family.setdefault(q["family"], []).append(ins_id)
+            if q["family"] not in families.setdefault(q["layout"], []):
+                families[q["layout"]].append(q["family"])
+        modes = _Deck((SIMILAR_TEXT, SIMILAR_IMAGE), self.rng("held-out context modes"))
+        queries: dict[str, dict[str, Any]] = {}
+        examples: dict[str, dict[str, Any]] = {}
+        config: dict[str, list[str]] = {}
+        copies: dict[str, str] = {}  # training instruction id -> its copy's id
+        for eval_id, ins in self.evaluation.items():
+            query = {**self.questions[eval_id], "copy_of": eval_id}
+            rng = self.rng("held-out context", eval_id)
+            mode, pool = modes.draw(), []
+            if mode == SIMILAR_IMAGE and families.get(query["layout"]):
+                query["similar_family"] = rng.choice(families[query["layout"]])
+                pool = [i for i in by_family[query["similar_family"]] if self.questions[i]["kind"] not in LAYOUT_KINDS]
+            if not pool:  # no training family of this layout (only in a tiny set): the other kind
+                mode = SIMILAR_TEXT
+                pool = list(by_kind[query["kind"]])
+            pool = [i for i in pool if context_allowed(query, self.questions[i], ins["instruction"],
+                                                       self.train[i]["instruction"])]
+            if len(pool) > _CONTEXT_EXAMPLES:
+                pool = sorted(rng.sample(pool, _CONTEXT_EXAMPLES), key=pool.index)
+            if not pool:  # pragma: no cover - every type is asked of every training scene
+                raise VlmkitError(f"demo data: no in-context example for held-out question {eval_id}")
+            for train_id in pool:
+                if train_id not in copies:
+                    copies[train_id] = f"{example_prefix}{len(copies) + 1:05d}"
+                    source = self.train[train_id]
+                    examples[copies[train_id]] = {"instruction": source["instruction"], "answer": source["answer"],
+                                                  "image_ids": list(source["image_ids"]), "rel_ins_ids": []}
+                    self.questions[copies[train_id]] = {**self.questions[train_id], "in_context": NO_CONTEXT,
+                                                        "copy_of": train_id}
+            ins_id = f"{prefix}{len(queries) + 1:05d}"
+            config[ins_id] = [copies[i] for i in pool]
+            queries[ins_id] = {"instruction": ins["instruction"], "answer": ins["answer"],
+                               "image_ids": list(ins["image_ids"]), "rel_ins_ids": config[ins_id]}
+            self.questions[ins_id] = {**query, "in_context": mode}
+        return {**queries, **examples}, config
+
     # ----------------------------------------------------------------------------------- clips
     def add_clips(self, split: str, count: int, prefix: str, contexts: bool) -> dict[str, dict[str, Any]]:
         """``count`` clips; one of the two shapes' shape, colour and direction are dealt evenly over
@@ -614,8 +695,9 @@ def build_demo(seed: int = 0, size: str = "small", image_size: int = 224,
                counts: dict[str, int] | None = None) -> _Builder:
     """The demo data in memory, as :func:`write_demo_data` writes it: ``.scenes``, ``.clips``,
     ``.questions`` (instruction id -> what it asks), ``.images`` (id, PNG bytes), the instructions
-    of each part (``.train``, ``.evaluation``, ``.video``, ``.video_eval``, ``.text``) and the scene
-    ids (``.train_scenes``, ``.eval_scenes``). ``counts`` overrides :data:`SIZES` ``[size]``
+    of each part (``.train``, ``.evaluation``, ``.video``, ``.video_eval``, ``.text``; ``.icl_eval``
+    with ``.icl_eval_config``, its queries' examples) and the scene ids (``.train_scenes``,
+    ``.eval_scenes``). ``counts`` overrides :data:`SIZES` ``[size]``
     entries; everything is drawn per index and per split, so more scenes or clips extend a split
     (its first ones are those of the smaller set)."""
     return _Builder(int(seed), size, int(image_size), counts).build()
@@ -688,6 +770,7 @@ def recipe_data(root: str | Path = ".", frames: int = SIZES["small"]["frames"]) 
         "demo_text": mimicit("TEXT_ONLY", "text_instructions", "text_train_config"),
         "demo_eval": mimicit("IMAGE_TEXT", "eval_instructions", None),
         "demo_video_eval": mimicit("VIDEO_TEXT", "video_eval_instructions", None, num_frames=frames),
+        "demo_eval_in_context": mimicit("IMAGE_TEXT_IN_CONTEXT", "icl_eval_instructions", "icl_eval_train_config"),
         "demo_captions_eval": {"type": "captions", "template": "llava_plain", "path": p("captions_eval"),
                                "image_folder": p("image_folder")},
     }
@@ -738,6 +821,14 @@ def _readme(manifest: dict[str, Any]) -> str:
         "scenes, clips and instruction ids appear in no training file.",
         f"- `{FILES['eval_types']}`: held-out instruction id -> question type (colour, count, where, shape, video "
         "direction, video colour, video shape).",
+        f"- `{FILES['icl_eval_instructions']}` ({counts['eval_in_context_queries']} queries, "
+        f"{counts['eval_in_context_examples']} examples), `{FILES['icl_eval_train_config']}` and "
+        f"`{FILES['icl_eval_types']}`: the held-out still questions again (same scenes, questions and answers as "
+        f"`{FILES['eval_instructions']}`, new ids), each with three in-context examples (group "
+        "IMAGE_TEXT_IN_CONTEXT) of the two kinds of the training ICL config: questions of the same type about "
+        "another target in training scenes, or colour and count questions about training scenes of the query's "
+        "layout. Only the query is held out: the examples are copies of training instructions (their own ids, in "
+        "the same instructions file), and none gives its query's answer away.",
         f"- `{FILES['captions']}` ({counts['captions']}) and `{FILES['captions_eval']}` ({counts['captions_eval']}): "
         f"LLaVA-format captions `[{{id, image, caption}}]`, image paths relative to `{FILES['image_folder']}/`.",
         f"- `{FILES['scenes']}`: what each image and clip shows and what each instruction asks (to check answers).",
@@ -785,6 +876,10 @@ def write_demo_data(out: str | Path, seed: int = 0, size: str = "small", image_s
     eval_types = {k: b.questions[k]["kind"] for k in evaluation}
     eval_types.update({k: f"video {b.questions[k]['kind']}" for k in video_eval})
     _dump_json(out / FILES["eval_types"], eval_types)
+    _dump_json(out / FILES["icl_eval_instructions"],
+               _instructions_file(b.icl_eval, b.seed, "eval", "IMAGE_TEXT_IN_CONTEXT"))
+    _dump_json(out / FILES["icl_eval_train_config"], b.icl_eval_config)
+    _dump_json(out / FILES["icl_eval_types"], {k: b.questions[k]["kind"] for k in b.icl_eval_config})
     _dump_json(out / FILES["scenes"], {"version": DEMO_VERSION, "seed": b.seed, "scenes": b.scenes,
                                        "clips": b.clips, "instructions": b.questions})
 
@@ -799,6 +894,9 @@ def write_demo_data(out: str | Path, seed: int = 0, size: str = "small", image_s
     modes = {kind: 0 for kind in (NO_CONTEXT, SAME_IMAGE, SIMILAR_TEXT, SIMILAR_IMAGE)}
     for ins_id in train:
         modes[b.questions[ins_id]["in_context"]] += 1
+    icl_modes = {kind: 0 for kind in (SIMILAR_TEXT, SIMILAR_IMAGE)}
+    for ins_id in b.icl_eval_config:
+        icl_modes[b.questions[ins_id]["in_context"]] += 1
     manifest_counts = {
         "images": len(b.images),
         "row_groups": row_groups,
@@ -813,9 +911,12 @@ def write_demo_data(out: str | Path, seed: int = 0, size: str = "small", image_s
         "text_instructions": len(text),
         "eval_image_instructions": len(evaluation),
         "eval_video_instructions": len(video_eval),
+        "eval_in_context_queries": len(b.icl_eval_config),
+        "eval_in_context_examples": len(b.icl_eval) - len(b.icl_eval_config),
         "captions": len(train_scenes),
         "captions_eval": len(eval_scenes),
         "in_context": modes,
+        "eval_in_context": icl_modes,
     }
     manifest: dict[str, Any] = {
         "name": "vlmkit-demo",
@@ -849,7 +950,10 @@ def summary(manifest: dict[str, Any], root: str | Path) -> str:
         f"{manifest['image_size']}px PNG",
         f"  training instructions: {c['train_image_instructions']} image ({modes}), "
         f"{c['train_video_instructions']} video, {c['text_instructions']} text-only",
-        f"  held-out instructions: {c['eval_image_instructions']} image, {c['eval_video_instructions']} video",
+        f"  held-out instructions: {c['eval_image_instructions']} image, {c['eval_video_instructions']} video; "
+        f"the image ones again with in-context examples: {c['eval_in_context_queries']} "
+        f"({', '.join(f'{k} {v}' for k, v in c['eval_in_context'].items())}; {c['eval_in_context_examples']} "
+        f"training instructions copied as examples)",
         f"  captions: {c['captions']} training, {c['captions_eval']} held-out ({FILES['captions']}, "
         f"{FILES['image_folder']}/)",
         "recipe entries:",

@@ -2,7 +2,8 @@
 
 Each evaluation ``label`` (``before``, ``after``, or a name given to ``recipes eval``) writes, per
 evaluator, ``<out>/eval/<label>/<name>.json`` (metrics, counts and every item) and ``<name>.md``
-(the table). :func:`comparison` puts two evaluations side by side (markdown) and
+(the table); ``<name>`` is the eval entry's ``name`` if it gives one, else what the evaluator calls
+its result (its type), ``-2``, ``-3`` ... appended to a name already written. :func:`comparison` puts two evaluations side by side (markdown) and
 :func:`comparison_plot` draws them as a bar chart (PNG).
 """
 
@@ -40,6 +41,8 @@ def run_evaluations(
     names: dict[str, int] = {}
     for evaluator, spec in zip(evaluators, resolved.evaluators):
         result = evaluator.evaluate(model, context)
+        if spec.entry_name is not None:  # the entry's own name (eval: - {type: ..., name: ...})
+            result.name = spec.entry_name
         names[result.name] = names.get(result.name, 0) + 1
         if names[result.name] > 1:  # two entries of one type: instructions, instructions-2
             result.name = f"{result.name}-{names[result.name]}"

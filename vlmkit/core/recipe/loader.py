@@ -69,6 +69,7 @@ class BuiltComponentSpec:
     kind: str
     name: str
     config: BaseModel  # an instance of the component's Config
+    entry_name: str | None = None  # an eval entry's own name (its results' file name), if it gives one
 
 
 @dataclass
@@ -402,11 +403,18 @@ def validate_mapping(
         problems.extend(_init_from_problems(i, stage, components))
     problems.extend(_plugin_check_problems(registry, recipe, datasets))
     evaluators: list[BuiltComponentSpec] = []
+    entry_names: dict[str, int] = {}
     for i, ev in enumerate(recipe.eval):
+        if ev.name is not None:
+            if ev.name in entry_names:
+                problems.append(f"eval.{i}.name: eval entry name '{ev.name}' is used twice (also eval.{entry_names[ev.name]}); "
+                                "each entry's results are written under its name")
+            entry_names.setdefault(ev.name, i)
         options = {k: v for k, v in (ev.model_extra or {}).items()}
         built = _validate_component(registry, "evaluator", ev.type, options, ("eval", str(i)), problems, key="type")
         if built is None:
             continue
+        built.entry_name = ev.name
         evaluators.append(built)
         try:
             aliases = registry.component_class("evaluator", ev.type)(built.config).data_aliases()

@@ -280,6 +280,10 @@ class EvalSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: str = Field(description="registered evaluator (see `recipes components evaluator`)")
+    name: str | None = Field(
+        None, pattern=NAME_PATTERN,
+        description="what the entry's results are called (eval/<label>/<name>.json, the tables); default: what the "
+                    "evaluator calls them (its type), numbered from the second entry of one name on (instructions-2)")
 
 
 class Recipe(Strict):
