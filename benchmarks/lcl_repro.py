@@ -1,7 +1,7 @@
 """The small-scale reproduction of link-context learning (README, "Link-context learning").
 
 Trains the same starting model twice with the shipped recipes (their ``demo`` profile by default):
-``lcl_repro`` on 2way_random LCL episodes of the synthetic concepts and ``lcl_repro_icl`` on
+``lcl_repro`` on LCL episodes of the synthetic concepts ([2-way] at 16 shots, then 2..16) and ``lcl_repro_icl`` on
 Otter-style in-context instructions, each followed by its ``lcl``, ``lcl_false_ratio`` and
 ``lcl_position`` evaluations on held-out invented concepts. Then it writes, under ``--out``
 (default ``docs/lcl``): one PNG per evaluation with both models' curves, ``results.md`` (the
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from vlmkit.core.evaluation.runner import comparison_plot, read_result, table
 
-RUNS = {"LCL (2way_random)": "lcl_repro", "ICL only": "lcl_repro_icl"}
+RUNS = {"LCL ([2-way-random])": "lcl_repro", "ICL only": "lcl_repro_icl"}
 EVALS = ("lcl", "lcl_false_ratio", "lcl_position")
 
 
